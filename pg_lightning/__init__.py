@@ -1,0 +1,25 @@
+"""pg_lightning: policy-gradient reinforcement learning as a PyTorch Lightning plug-in."""
+
+from pg_lightning.batch import RolloutBatch
+from pg_lightning.callbacks import Evaluation, RunSummary
+from pg_lightning.envs import VectorEnvFactory
+from pg_lightning.estimators import Estimator
+from pg_lightning.evaluation import evaluate
+from pg_lightning.module import PolicyGradientModule
+from pg_lightning.policies import CategoricalMLP, GaussianMLP, mlp_policy
+from pg_lightning.rollout import RolloutCollector, RolloutDataset
+
+__all__ = [
+    "CategoricalMLP",
+    "Estimator",
+    "Evaluation",
+    "GaussianMLP",
+    "PolicyGradientModule",
+    "RolloutBatch",
+    "RolloutCollector",
+    "RolloutDataset",
+    "RunSummary",
+    "VectorEnvFactory",
+    "evaluate",
+    "mlp_policy",
+]

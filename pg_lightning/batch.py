@@ -1,0 +1,67 @@
+"""The one data structure every other module agrees on: a time-major rollout batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    """Experience from ``T`` steps of ``B`` parallel environments, time-major.
+
+    ==================  ===================  ===============================================================
+    field               shape                meaning
+    ==================  ===================  ===============================================================
+    ``obs``             ``[T + 1, B, *o]``   ``obs[t]`` is the input of step ``t``; ``obs[T]`` is the
+                                             observation after the last step (a bootstrap point)
+    ``act``             ``[T, B, *a]``       the sampled action, *before* any clipping to the env's bounds
+    ``rew``             ``[T, B]``           reward of step ``t`` (0 on reset steps)
+    ``terminated``      ``[T, B]`` bool      the MDP ended at step ``t`` (value after it is 0)
+    ``truncated``       ``[T, B]`` bool      a time limit cut the episode at step ``t`` (it could go on)
+    ``valid``           ``[T, B]`` bool      False on gymnasium's NEXT_STEP reset steps: the env ignored the
+                                             action, so the step is no transition and is masked everywhere
+    ``logp_behavior``   ``[T, B]``           log π_behaviour(a_t|s_t) of the policy that collected the step
+    ``return_before``   ``[B]``              Σ_k γ^k r_k of the episode running at step 0, over the steps it
+                                             had before this batch (0 for an episode that starts here)
+    ``length_before``   ``[B]`` int64        how many steps that episode had before this batch
+    ==================  ===================  ===============================================================
+
+    ``return_before`` is discounted with the ``gamma`` the collector was given, so that REINFORCE can
+    weight an episode that began in an earlier batch by its full return R(τ).
+    """
+
+    obs: torch.Tensor
+    act: torch.Tensor
+    rew: torch.Tensor
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    valid: torch.Tensor
+    logp_behavior: torch.Tensor
+    return_before: torch.Tensor
+    length_before: torch.Tensor
+
+    @property
+    def done(self) -> torch.Tensor:
+        """``[T, B]`` bool: the episode ended at step ``t``, by termination or truncation."""
+        return self.terminated | self.truncated
+
+    @property
+    def num_steps(self) -> int:
+        """``T``, the number of time steps (including masked reset steps)."""
+        return self.rew.shape[0]
+
+    @property
+    def num_envs(self) -> int:
+        """``B``, the number of parallel environments."""
+        return self.rew.shape[1]
+
+    @property
+    def env_steps(self) -> int:
+        """Real transitions in the batch: every step but the masked reset steps."""
+        return int(self.valid.sum())
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """A copy with every tensor on ``device``."""
+        return RolloutBatch(**{name: value.to(device) for name, value in vars(self).items()})

@@ -1,0 +1,175 @@
+"""Callbacks around training: periodic deterministic evaluation with stop-on-solve, and the run summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from pg_lightning.evaluation import evaluate
+from pg_lightning.module import PolicyGradientModule
+
+
+class Evaluation(Callback):
+    """Every ``every_n_iterations``, run ``num_episodes`` deterministic episodes on separate envs.
+
+    Logs ``eval/return_mean`` and ``eval/return_std``. With ``stop_on_solve``, training ends once the
+    mean reaches the env's ``reward_threshold`` (CartPole-v1: 475). The last iteration is always
+    evaluated, so the final policy has a score.
+
+    Args:
+        every_n_iterations: evaluate after every n-th iteration.
+        num_episodes: episodes per evaluation, one per eval env.
+        stop_on_solve: stop training when the eval mean reaches the reward threshold.
+        seed: seed of the eval envs' first reset (later evaluations continue their RNG streams).
+    """
+
+    def __init__(self, every_n_iterations: int = 5, num_episodes: int = 20, stop_on_solve: bool = True, seed: int = 10_000):
+        if every_n_iterations < 1:
+            raise ValueError(f"eval.every_n_iterations must be a positive integer, got {every_n_iterations}")
+        if num_episodes < 1:
+            raise ValueError(f"eval.num_episodes must be a positive integer, got {num_episodes}")
+        self.every_n_iterations = every_n_iterations
+        self.num_episodes = num_episodes
+        self.stop_on_solve = stop_on_solve
+        self.seed = seed
+        self.envs = None
+        self.return_mean = math.nan
+        self.evaluated_at_iteration = 0
+        self.solved_at_env_steps: int | None = None
+        self.reward_threshold: float | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        module = _pg_module(pl_module)
+        self.reward_threshold = module.env.reward_threshold
+        if self.envs is None:
+            self.envs = module.env.make(num_envs=self.num_episodes)
+            self._next_seed: int | None = self.seed
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        module = _pg_module(pl_module)
+        if module.iterations % self.every_n_iterations == 0:
+            self._evaluate(trainer, module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        module = _pg_module(pl_module)
+        if self.evaluated_at_iteration != module.iterations:
+            self._evaluate(trainer, module)
+
+    def _evaluate(self, trainer: Trainer, module: PolicyGradientModule) -> None:
+        returns = evaluate(module.policy, self.envs, seed=self._next_seed)
+        self._next_seed = None
+        self.return_mean = float(returns.mean())
+        self.evaluated_at_iteration = module.iterations
+        solved = self.reward_threshold is not None and self.return_mean >= self.reward_threshold
+        if solved and self.solved_at_env_steps is None:
+            self.solved_at_env_steps = module.env_steps
+        metrics = {
+            "eval/return_mean": self.return_mean,
+            "eval/return_std": float(returns.std()),
+            "rollout/env_steps": float(module.env_steps),
+        }
+        # Logged through the loggers directly: this also runs in on_train_end, where self.log is not allowed.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if solved and self.stop_on_solve:
+            trainer.should_stop = True
+
+    @property
+    def solved(self) -> bool:
+        """The latest evaluation reached the reward threshold."""
+        return self.reward_threshold is not None and self.return_mean >= self.reward_threshold
+
+
+class RunSummary(Callback):
+    """Writes ``summary.json`` at the end of every run: finished, solved, interrupted or failed.
+
+    Args:
+        path: where to write the JSON (atomically: a temp file renamed over it).
+        evaluation: the run's ``Evaluation`` callback, for eval and solve figures (optional).
+        metrics_csv: path of the run's metrics CSV, or ``None`` if there is none.
+        extra: more key/values to include (e.g. the seed's config name).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        evaluation: Evaluation | None = None,
+        metrics_csv: str | Path | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
+        self.path = Path(path)
+        self.evaluation = evaluation
+        self.metrics_csv = None if metrics_csv is None else str(metrics_csv)
+        self.extra = dict(extra or {})
+        self.summary: dict[str, Any] | None = None
+        self._start: float | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, _pg_module(pl_module), "finished")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self._write(trainer, _pg_module(pl_module), status, error=f"{type(exception).__name__}: {exception}")
+
+    def _write(self, trainer: Trainer, module: PolicyGradientModule, status: str, error: str | None = None) -> None:
+        if not trainer.is_global_zero:
+            return
+        wall_s = time.perf_counter() - self._start if self._start is not None else math.nan
+        evaluation = self.evaluation
+        summary = {
+            "status": status,
+            "env_id": module.env.id,
+            "estimator": module.estimator.name,
+            "seed": module.seed,
+            "world_size": trainer.world_size,
+            "env_steps": module.env_steps,
+            "iterations": module.iterations,
+            "wall_s": round(wall_s, 3),
+            "env_steps_per_s": round(module.env_steps / wall_s, 1) if wall_s > 0 else None,
+            "train_return_mean": _finite_or_none(module.train_return_mean),
+            "eval_return_mean": _finite_or_none(evaluation.return_mean) if evaluation else None,
+            "reward_threshold": module.env.reward_threshold,
+            "solved": evaluation.solved if evaluation else False,
+            "solved_at_env_steps": evaluation.solved_at_env_steps if evaluation else None,
+            "metrics_csv": self.metrics_csv,
+            **self.extra,
+        }
+        if error is not None:
+            summary["error"] = error
+        self.summary = summary
+        write_json_atomic(self.path, summary)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temp file in the same directory, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 4)
+
+
+def _pg_module(pl_module: LightningModule) -> PolicyGradientModule:
+    if not isinstance(pl_module, PolicyGradientModule):
+        raise TypeError(f"this callback needs a PolicyGradientModule, got {type(pl_module).__name__}")
+    return pl_module

@@ -1,0 +1,165 @@
+"""``PolicyGradientModule``: the policy, its on-policy rollouts and the pseudo-loss, as a LightningModule.
+
+One Lightning epoch is one policy-gradient iteration (lecture §2, the REINFORCE loop):
+
+1. ``train_dataloader`` yields one batch collected with the *current* policy (``rollout.py``);
+2. ``training_step`` computes log π_θ(a_t|s_t), the estimator's weights Ψ_t and the pseudo-loss
+   -(1/N) Σ_i Σ_t log π_θ(a_it|s_it) Ψ_it (§7.2), whose gradient Lightning's optimizer follows;
+3. the module stops the trainer when ``total_env_steps`` is spent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+
+import gymnasium as gym
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pg_lightning.batch import RolloutBatch
+from pg_lightning.envs import VectorEnvFactory, check_action_space
+from pg_lightning.estimators import Estimator
+from pg_lightning.functional import masked_mean, pseudo_loss
+from pg_lightning.policies import mlp_policy
+from pg_lightning.rollout import RolloutCollector, RolloutDataset
+
+PolicyFactory = Callable[[gym.Space, gym.Space], nn.Module]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class PolicyGradientModule(LightningModule):
+    """Policy-gradient training of ``policy`` on ``env`` with ``estimator``'s weights.
+
+    Args:
+        env: a ``VectorEnvFactory`` or a registered gymnasium id.
+        policy: an ``nn.Module`` whose ``forward(obs)`` returns a ``torch.distributions.Distribution``,
+            or a factory ``(observation_space, action_space) -> nn.Module``; default ``mlp_policy``.
+        estimator: the gradient estimator; default ``Estimator()`` (reward-to-go minus the average).
+        optimizer: a factory ``params -> torch.optim.Optimizer``; default Adam with lr 0.01.
+        steps_per_env: T, time steps per env in each batch (batch = T x ``env.num_envs`` steps).
+        total_env_steps: the training budget in env steps, over all ranks; ``None`` for no budget.
+        seed: env seeds are ``seed + rank * num_envs + i``; action sampling is seeded per rank.
+    """
+
+    def __init__(
+        self,
+        env: VectorEnvFactory | str,
+        policy: nn.Module | PolicyFactory | None = None,
+        estimator: Estimator | None = None,
+        optimizer: OptimizerFactory | None = None,
+        steps_per_env: int = 256,
+        total_env_steps: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if steps_per_env < 1:
+            raise ValueError(f"steps_per_env must be a positive integer, got {steps_per_env}")
+        if total_env_steps is not None and total_env_steps < 1:
+            raise ValueError(f"total_env_steps must be a positive integer, got {total_env_steps}")
+        self.env = env if isinstance(env, VectorEnvFactory) else VectorEnvFactory(id=env)
+        observation_space, action_space = self.env.spaces()
+        check_action_space(action_space)
+        if not isinstance(policy, nn.Module):
+            policy = (policy or mlp_policy)(observation_space, action_space)
+        self.policy = policy
+        self.estimator = estimator or Estimator()
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-2)
+        self.steps_per_env = steps_per_env
+        self.total_env_steps = total_env_steps
+        self.seed = seed
+        self.collector: RolloutCollector | None = None
+        # Run counters over all ranks (the budget and summary.json use these).
+        self.env_steps = 0
+        self.iterations = 0
+        self.train_return_mean = math.nan
+        self._last_step_time: float | None = None
+
+    def setup(self, stage: str) -> None:
+        # Envs are created here, not in __init__, so the module stays picklable (ddp_spawn) and the
+        # rank is known (ARCHITECTURE.md traps 2 and 5).
+        if self.collector is None:
+            rank = self.global_rank
+            self.collector = RolloutCollector(
+                self.env.make(),
+                self.steps_per_env,
+                gamma=self.estimator.gamma,
+                seed=self.seed + rank * self.env.num_envs,
+            )
+            # seed_everything gives every rank the same torch stream: give each rank its own.
+            torch.manual_seed(self.seed + 1_000_003 * rank)
+
+    def teardown(self, stage: str) -> None:
+        if self.collector is not None:
+            self.collector.close()
+            self.collector = None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(RolloutDataset(self.collect_batch), batch_size=None, num_workers=0)
+
+    def collect_batch(self) -> RolloutBatch:
+        """One on-policy batch from this rank's envs, with the current weights."""
+        assert self.collector is not None, "setup() creates the collector"
+        return self.collector.collect(self.policy)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.policy.parameters())
+
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor | None:
+        dist = self.policy(batch.obs[:-1])
+        logp = dist.log_prob(batch.act)  # [T, B]
+        estimate = self.estimator(batch)
+        loss = pseudo_loss(logp, estimate.weights, estimate.mask, estimate.num_episodes)
+        self._log_iteration(batch, estimate.mask, loss, masked_mean(dist.entropy(), batch.valid))
+        # No episode ended in this batch: no step has a known weight, so there is nothing to learn from.
+        return loss if bool(estimate.mask.any()) else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.total_env_steps is not None and self.env_steps >= self.total_env_steps:
+            self.trainer.should_stop = True
+
+    def _log_iteration(self, batch: RolloutBatch, mask: torch.Tensor, loss: torch.Tensor, entropy: torch.Tensor) -> None:
+        """Log this iteration's metrics; episode statistics are reduced over ranks as (sum, count)."""
+        assert self.collector is not None
+        returns, lengths = self.collector.episodes.pop()
+        local = torch.tensor(
+            [batch.env_steps, sum(returns), len(returns), sum(lengths), int(mask.sum())],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        env_steps, return_sum, episodes, length_sum, used = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        self.env_steps += int(env_steps)
+        self.iterations += 1
+        if episodes > 0:
+            self.train_return_mean = return_sum / episodes
+        now = time.perf_counter()
+        steps_per_s = env_steps / (now - self._last_step_time) if self._last_step_time is not None else math.nan
+        self._last_step_time = now
+        metrics = {
+            "rollout/episodes": episodes,
+            "rollout/episode_length": length_sum / episodes if episodes else math.nan,
+            "rollout/used_fraction": used / max(env_steps, 1.0),
+            "loss/policy": loss.detach(),
+            "diag/entropy": entropy.detach(),
+            "perf/steps_per_s": steps_per_s,
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        self.log_dict(
+            {"rollout/return_mean": self.train_return_mean, "rollout/env_steps": float(self.env_steps)},
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+            batch_size=1,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["pg_lightning"] = {"env_steps": self.env_steps, "iterations": self.iterations}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        counters = checkpoint.get("pg_lightning", {})
+        self.env_steps = counters.get("env_steps", 0)
+        self.iterations = counters.get("iterations", 0)

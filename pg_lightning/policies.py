@@ -1,0 +1,106 @@
+"""Policies: any ``nn.Module`` whose ``forward(obs)`` returns a ``torch.distributions.Distribution``.
+
+The library only ever calls ``policy(obs)`` and then ``.sample()``, ``.log_prob(act)``, ``.entropy()``
+and ``.mode`` on the result, so a user's own network plugs in unchanged. Two are shipped:
+
+- ``CategoricalMLP`` for ``Discrete`` actions: π(a|s) = softmax(f_θ(s))_a.
+- ``GaussianMLP`` for ``Box`` actions: π(a|s) = N(μ_θ(s), diag(σ²)) with a state-independent log σ.
+
+``hidden_sizes=[]`` makes f_θ linear; with one-hot observations that is a tabular softmax policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical, Distribution, Independent, Normal
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
+
+# log σ is clamped here: σ ∈ [e^-5, e^2] keeps log-probs finite and exploration alive.
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+def mlp(in_features: int, hidden_sizes: Sequence[int], out_features: int, activation: str) -> nn.Sequential:
+    """``in → hidden_sizes… → out`` with ``activation`` between layers; a single Linear if no hidden layer."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"policy.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    sizes = [in_features, *hidden_sizes, out_features]
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i > 0:
+            layers.append(ACTIVATIONS[activation]())
+        layers.append(nn.Linear(fan_in, fan_out))
+    # A small last layer starts the policy near uniform / near its initial σ (common PG practice).
+    last = layers[-1]
+    assert isinstance(last, nn.Linear)
+    nn.init.orthogonal_(last.weight, gain=0.01)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers)
+
+
+class CategoricalMLP(nn.Module):
+    """π(·|s) = Categorical(logits = f_θ(s)) for a ``Discrete(n)`` action space.
+
+    Shapes: ``obs [..., obs_dim] -> Categorical`` with ``batch_shape [...]`` over ``n`` actions.
+    """
+
+    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: Sequence[int] = (64, 64), activation: str = "tanh"):
+        super().__init__()
+        self.logits = mlp(obs_dim, hidden_sizes, num_actions, activation)
+
+    def forward(self, obs: torch.Tensor) -> Distribution:
+        return Categorical(logits=self.logits(obs), validate_args=False)
+
+
+class GaussianMLP(nn.Module):
+    """π(·|s) = N(μ_θ(s), diag(exp(2 log σ))) with a learned, state-independent ``log_std``.
+
+    Shapes: ``obs [..., obs_dim] -> Independent(Normal)`` with ``batch_shape [...]``,
+    ``event_shape [act_dim]``. Samples are unbounded; the rollout clips them to the action space
+    only when sending them to the env, and log-probs are of the unclipped sample.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        log_std_init: float = -0.5,
+    ):
+        super().__init__()
+        self.mean = mlp(obs_dim, hidden_sizes, act_dim, activation)
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std_init)))
+
+    def forward(self, obs: torch.Tensor) -> Distribution:
+        mean = self.mean(obs)
+        std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp().expand_as(mean)
+        return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+
+
+def mlp_policy(
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    hidden_sizes: Sequence[int] = (64, 64),
+    activation: str = "tanh",
+    log_std_init: float = -0.5,
+) -> nn.Module:
+    """The shipped MLP policy that fits the spaces: categorical for ``Discrete``, Gaussian for ``Box``."""
+    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
+        raise ValueError(
+            f"observation space {observation_space} is not supported by the MLP policies: they need a flat Box"
+        )
+    obs_dim = int(np.prod(observation_space.shape))
+    hidden_sizes = list(hidden_sizes)
+    if isinstance(action_space, gym.spaces.Discrete):
+        return CategoricalMLP(obs_dim, int(action_space.n), hidden_sizes, activation)
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        return GaussianMLP(obs_dim, int(action_space.shape[0]), hidden_sizes, activation, log_std_init)
+    raise ValueError(
+        f"action space {action_space} is not supported: use Discrete or a 1-D Box, or pass your own policy"
+    )

@@ -1,0 +1,157 @@
+"""On-policy data collection: a collector that steps a vector env, and the Lightning-facing dataset.
+
+Lightning fetches the next batch of an iterable *before* ``training_step`` runs on the current one,
+so an endless generator would train on data of the previous policy (ARCHITECTURE.md, trap 1).
+``RolloutDataset.__iter__`` therefore yields exactly one batch and stops: each Lightning epoch is one
+iteration, and its ``iter()`` runs after the previous update, with the current weights. The envs and
+their running episodes live in the ``RolloutCollector`` and survive across iterations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from gymnasium.vector import VectorEnv
+from torch import nn
+from torch.utils.data import IterableDataset
+
+from pg_lightning.batch import RolloutBatch
+from pg_lightning.envs import check_action_space, to_env_action
+
+
+@dataclass
+class EpisodeStats:
+    """Undiscounted returns and lengths of the episodes that ended since the last ``pop``."""
+
+    returns: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def pop(self) -> tuple[list[float], list[int]]:
+        returns, lengths = self.returns, self.lengths
+        self.returns, self.lengths = [], []
+        return returns, lengths
+
+
+class RolloutCollector:
+    """Collects ``steps_per_env`` steps of every env of ``envs`` per call, with the given policy.
+
+    The envs are reset once (with ``seed``: env ``i`` gets ``seed + i``); afterwards the current
+    observations and the running episodes carry over from one ``collect`` to the next.
+
+    gymnasium's vector envs autoreset in NEXT_STEP mode: the step after an episode ends resets that
+    env, ignores its action and returns reward 0. Those steps are marked ``valid = False``.
+
+    Args:
+        envs: a gymnasium vector env (NEXT_STEP autoreset, the gymnasium default).
+        steps_per_env: T, the batch's time length.
+        gamma: the discount used for ``RolloutBatch.return_before``.
+        seed: seed of the first reset; ``None`` leaves the envs unseeded.
+    """
+
+    def __init__(self, envs: VectorEnv, steps_per_env: int, gamma: float = 0.99, seed: int | None = None):
+        if steps_per_env < 1:
+            raise ValueError(f"steps_per_env must be a positive integer, got {steps_per_env}")
+        check_action_space(envs.single_action_space)
+        self.envs = envs
+        self.steps_per_env = steps_per_env
+        self.gamma = gamma
+        self.seed = seed
+        self.env_steps = 0
+        self.episodes = EpisodeStats()
+        num_envs = envs.num_envs
+        self._obs: np.ndarray | None = None
+        self._reset_next = np.zeros(num_envs, dtype=bool)
+        self._ep_return = np.zeros(num_envs)
+        self._ep_disc_return = np.zeros(num_envs)
+        self._ep_discount = np.ones(num_envs)
+        self._ep_length = np.zeros(num_envs, dtype=np.int64)
+
+    @torch.no_grad()
+    def collect(self, policy: nn.Module) -> RolloutBatch:
+        """Step every env ``T`` times with actions sampled from ``policy``; return the batch."""
+        device = _device_of(policy)
+        if self._obs is None:
+            self._obs, _ = self.envs.reset(seed=self.seed)
+        num_steps, num_envs = self.steps_per_env, self.envs.num_envs
+        obs_shape = self.envs.single_observation_space.shape
+        obs = torch.empty((num_steps + 1, num_envs, *obs_shape), dtype=torch.float32, device=device)
+        logp = torch.empty((num_steps, num_envs), dtype=torch.float32, device=device)
+        act: torch.Tensor | None = None
+        rew = np.zeros((num_steps, num_envs), dtype=np.float32)
+        terminated = np.zeros((num_steps, num_envs), dtype=bool)
+        truncated = np.zeros((num_steps, num_envs), dtype=bool)
+        valid = np.zeros((num_steps, num_envs), dtype=bool)
+        return_before = torch.as_tensor(self._ep_disc_return, dtype=torch.float32)
+        length_before = torch.as_tensor(self._ep_length.copy())
+
+        for t in range(num_steps):
+            obs[t] = torch.as_tensor(self._obs, device=device)
+            dist = policy(obs[t])
+            action = dist.sample()
+            logp[t] = dist.log_prob(action)
+            if act is None:
+                act = torch.empty((num_steps, *action.shape), dtype=action.dtype, device=device)
+            act[t] = action
+            env_action = to_env_action(action.cpu().numpy(), self.envs.single_action_space)
+            self._obs, reward, term, trunc, _ = self.envs.step(env_action)
+            valid[t] = ~self._reset_next
+            rew[t] = np.where(valid[t], reward, 0.0)
+            terminated[t] = term & valid[t]
+            truncated[t] = trunc & valid[t]
+            self._track_episodes(rew[t], valid[t], terminated[t] | truncated[t])
+            self._reset_next = term | trunc
+        obs[num_steps] = torch.as_tensor(self._obs, device=device)
+
+        assert act is not None
+        return RolloutBatch(
+            obs=obs,
+            act=act,
+            rew=torch.from_numpy(rew).to(device),
+            terminated=torch.from_numpy(terminated).to(device),
+            truncated=torch.from_numpy(truncated).to(device),
+            valid=torch.from_numpy(valid).to(device),
+            logp_behavior=logp,
+            return_before=return_before.to(device),
+            length_before=length_before.to(device),
+        )
+
+    def _track_episodes(self, reward: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
+        """Accumulate the running episodes; record and restart those that ended at this step."""
+        self.env_steps += int(valid.sum())
+        self._ep_return += reward
+        self._ep_disc_return += self._ep_discount * reward
+        self._ep_discount = np.where(valid, self._ep_discount * self.gamma, self._ep_discount)
+        self._ep_length += valid
+        if done.any():
+            ended = np.flatnonzero(done)
+            self.episodes.returns.extend(self._ep_return[ended].tolist())
+            self.episodes.lengths.extend(self._ep_length[ended].tolist())
+            self._ep_return[ended] = 0.0
+            self._ep_disc_return[ended] = 0.0
+            self._ep_discount[ended] = 1.0
+            self._ep_length[ended] = 0
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+class RolloutDataset(IterableDataset):
+    """An iterable of exactly one fresh on-policy batch per ``iter()`` (see the module doc).
+
+    Use it with ``DataLoader(dataset, batch_size=None, num_workers=0)``: a worker process would hold a
+    stale copy of the policy.
+    """
+
+    def __init__(self, collect: Callable[[], RolloutBatch]):
+        self.collect = collect
+
+    def __iter__(self) -> Iterator[RolloutBatch]:
+        yield self.collect()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

@@ -1,0 +1,104 @@
+"""From a composed Hydra config to a finished run: build the objects, fit, write ``summary.json``.
+
+``train.py`` is a thin ``@hydra.main`` wrapper around ``train``; tests and notebooks call it directly
+with a config from ``hydra.compose``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from pg_lightning.callbacks import Evaluation, RunSummary
+from pg_lightning.module import PolicyGradientModule
+
+# W&B plots every namespace against env steps, not Lightning's global step.
+WANDB_NAMESPACES = ("rollout", "eval", "loss", "diag", "perf")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; its message names the key and the value."""
+
+
+@dataclass
+class Run:
+    """Everything ``train`` needs, built and validated before any training starts."""
+
+    module: PolicyGradientModule
+    trainer: L.Trainer
+    summary: RunSummary
+
+
+def build(cfg: DictConfig, run_dir: str | Path) -> Run:
+    """Instantiate module, loggers, callbacks and trainer from ``cfg``; outputs go to ``run_dir``.
+
+    Raises:
+        ConfigError: with one line naming the bad key and value.
+    """
+    run_dir = Path(run_dir)
+    try:
+        L.seed_everything(cfg.seed, verbose=False)
+        module = PolicyGradientModule(
+            env=instantiate(cfg.env),
+            policy=instantiate(cfg.policy),
+            estimator=instantiate(cfg.estimator),
+            optimizer=instantiate(cfg.optimizer),
+            steps_per_env=cfg.steps_per_env,
+            total_env_steps=cfg.total_env_steps,
+            seed=cfg.seed,
+        )
+        loggers = make_loggers(cfg.logger, run_dir)
+        evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000)
+    except Exception as error:  # noqa: BLE001 - turned into one line for the user, see _root_message
+        message = _root_message(error)
+        if message is None:
+            raise
+        raise ConfigError(message) from error
+    metrics_csv = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
+    summary = RunSummary(run_dir / "summary.json", evaluation, metrics_csv=metrics_csv)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[evaluation, summary], default_root_dir=str(run_dir))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if isinstance(logger, WandbLogger):
+            for namespace in WANDB_NAMESPACES:
+                logger.experiment.define_metric(f"{namespace}/*", step_metric="rollout/env_steps")
+    return Run(module=module, trainer=trainer, summary=summary)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Build the run from ``cfg``, fit it, and return the summary that was written to ``run_dir``."""
+    run = build(cfg, run_dir)
+    try:
+        run.trainer.fit(run.module)
+    finally:
+        if any(isinstance(logger, WandbLogger) for logger in run.trainer.loggers):
+            import wandb
+
+            wandb.finish()  # a sweep runs many jobs in one process: each gets its own W&B run
+    assert run.summary.summary is not None, "RunSummary writes at the end of fit"
+    return run.summary.summary
+
+
+def make_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
+    """The ``logger/`` group's logger, plus ``<run_dir>/metrics.csv`` unless the group is ``none``."""
+    if not logger_cfg:
+        return []
+    logger = instantiate(logger_cfg, save_dir=str(run_dir))
+    if isinstance(logger, CSVLogger):
+        return [logger]
+    return [logger, CSVLogger(save_dir=str(run_dir), name="", version="")]
+
+
+def _root_message(error: BaseException) -> str | None:
+    """The message of the ``ValueError`` behind ``error`` (Hydra wraps it), or None if there is none."""
+    while error is not None:
+        if isinstance(error, ValueError):
+            return str(error)
+        error = error.__cause__ or error.__context__
+    return None

@@ -1,0 +1,55 @@
+"""Shared helpers: a tiny deterministic env whose episodes and rewards are known in advance."""
+
+from __future__ import annotations
+
+import os
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+# No test may reach W&B's servers.
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+class CountingEnv(gym.Env):
+    """Episode of ``length`` steps; reward of step k (0-based) is ``k + 1 + action``.
+
+    Observation: ``[k / length, 1]``. The episode *terminates* after ``length`` steps unless
+    ``truncate`` is set, in which case it is *truncated* there (a time limit).
+    """
+
+    metadata: dict = {"render_modes": []}
+
+    def __init__(self, length: int = 3, truncate: bool = False, num_actions: int = 2):
+        self.length = length
+        self.truncate = truncate
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(num_actions)
+        self.k = 0
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self.k / self.length, 1.0], dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.k = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        reward = float(self.k + 1 + int(action))
+        self.k += 1
+        ended = self.k >= self.length
+        return self._obs(), reward, ended and not self.truncate, ended and self.truncate, {}
+
+
+def counting_envs(lengths: list[int], truncate: bool = False) -> gym.vector.VectorEnv:
+    """A synchronous vector env of ``CountingEnv`` with one episode length per sub-env."""
+    return gym.vector.SyncVectorEnv([lambda n=n: CountingEnv(n, truncate) for n in lengths])
+
+
+@pytest.fixture
+def tmp_run_dir(tmp_path, monkeypatch):
+    """A temporary working directory for runs (W&B offline files land in it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,131 @@
+"""The tensor math of ``functional.py`` against plain Python loops written from the lecture's formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pg_lightning import functional as F
+
+
+def random_episode_data(num_steps: int, num_envs: int, seed: int):
+    """Random rewards with terminations, truncations and NEXT_STEP reset steps after each end."""
+    g = torch.Generator().manual_seed(seed)
+    rew = torch.randn(num_steps, num_envs, generator=g)
+    terminated = torch.rand(num_steps, num_envs, generator=g) < 0.15
+    truncated = (torch.rand(num_steps, num_envs, generator=g) < 0.08) & ~terminated
+    valid = torch.ones(num_steps, num_envs, dtype=torch.bool)
+    valid[1:] = ~(terminated[:-1] | truncated[:-1])
+    # A reset step is no transition: no reward, no end.
+    rew, terminated, truncated = rew * valid, terminated & valid, truncated & valid
+    return rew, terminated, truncated, valid
+
+
+def loop_reward_to_go(rew, done, gamma):
+    num_steps, num_envs = rew.shape
+    out = torch.zeros_like(rew)
+    for b in range(num_envs):
+        for t in range(num_steps):
+            total, discount = 0.0, 1.0
+            for u in range(t, num_steps):
+                total += discount * float(rew[u, b])
+                discount *= gamma
+                if done[u, b]:
+                    break
+            out[t, b] = total
+    return out
+
+
+def split_episodes(done, valid, b):
+    """Lists of time indices, one per episode of env b (reset steps belong to none)."""
+    episodes, current = [], []
+    for t in range(done.shape[0]):
+        if not valid[t, b]:
+            continue
+        current.append(t)
+        if done[t, b]:
+            episodes.append(current)
+            current = []
+    if current:
+        episodes.append(current)
+    return episodes
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reward_to_go_matches_loop(gamma, seed):
+    rew, terminated, truncated, _ = random_episode_data(40, 5, seed)
+    done = terminated | truncated
+    torch.testing.assert_close(F.reward_to_go(rew, done, gamma), loop_reward_to_go(rew, done, gamma))
+
+
+def test_reward_to_go_stops_at_termination_and_truncation_alike():
+    rew = torch.tensor([[1.0], [2.0], [4.0], [8.0]])
+    terminated = torch.tensor([[False], [True], [False], [False]])
+    truncated = torch.tensor([[False], [False], [False], [True]])
+    q = F.reward_to_go(rew, terminated | truncated, gamma=0.5)
+    torch.testing.assert_close(q[:, 0], torch.tensor([1 + 0.5 * 2, 2.0, 4 + 0.5 * 8, 8.0]))
+
+
+def test_ends_in_batch_marks_only_finished_episodes():
+    done = torch.tensor([[False, False], [True, False], [False, False], [False, True], [False, False]])
+    expected = torch.tensor([[True, True], [True, True], [False, True], [False, True], [False, False]])
+    assert torch.equal(F.ends_in_batch(done), expected)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.95])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_episode_returns_match_loop_with_carry_over(gamma, seed):
+    rew, terminated, truncated, valid = random_episode_data(30, 4, seed)
+    done = terminated | truncated
+    return_before = torch.tensor([0.0, 2.5, -1.0, 7.0])
+    length_before = torch.tensor([0, 3, 1, 10])
+    got = F.episode_returns(rew, done, valid, gamma, return_before, length_before)
+    for b in range(4):
+        for i, steps in enumerate(split_episodes(done, valid, b)):
+            if not done[steps[-1], b]:
+                continue  # still running at the end of the batch: no full return to compare
+            first_is_carried = i == 0 and valid[0, b]
+            start = int(length_before[b]) if first_is_carried else 0
+            total = float(return_before[b]) if first_is_carried else 0.0
+            total += sum(gamma ** (start + k) * float(rew[t, b]) for k, t in enumerate(steps))
+            for t in steps:
+                assert got[t, b].item() == pytest.approx(total, rel=1e-5, abs=1e-5)
+
+
+def test_pseudo_loss_gradient_is_hand_computed_reinforce():
+    """Linear-softmax policy π(a|s) = softmax(W s)_a: ∇_W log π(a|s) = (e_a - π(·|s)) s^T.
+
+    Two episodes (N = 2), returns R_1 = 3 and R_2 = -1, REINFORCE:
+        ∇J ≈ (1/N) Σ_i Σ_t (e_{a_it} - π(·|s_it)) s_it^T R_i.
+    """
+    W = torch.tensor([[0.3, -0.2], [-0.1, 0.4], [0.05, 0.0]], requires_grad=True)
+    obs = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 1.0]])  # three steps
+    act = torch.tensor([0, 2, 1])
+    returns = torch.tensor([3.0, 3.0, -1.0])  # steps 0-1 are episode 1, step 2 is episode 2
+    logp = torch.distributions.Categorical(logits=obs @ W.T).log_prob(act)
+    loss = F.pseudo_loss(logp, returns, torch.ones(3, dtype=torch.bool), num_episodes=2)
+    (autodiff_grad,) = torch.autograd.grad(-loss, W)
+
+    probs = torch.softmax(obs @ W.detach().T, dim=-1)
+    by_hand = torch.zeros(3, 2)
+    for t in range(3):
+        e_a = torch.nn.functional.one_hot(act[t], 3).float()
+        by_hand += torch.outer(e_a - probs[t], obs[t]) * returns[t]
+    torch.testing.assert_close(autodiff_grad, by_hand / 2)
+
+
+def test_pseudo_loss_ignores_masked_steps_and_detaches_weights():
+    logp = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    weights = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    loss = F.pseudo_loss(logp, weights, torch.tensor([True, False, True]), num_episodes=1)
+    loss.backward()
+    assert loss.item() == pytest.approx(-(0.5 * 1.0 + 2.0 * 3.0))
+    torch.testing.assert_close(logp.grad, torch.tensor([-1.0, 0.0, -3.0]))
+    assert weights.grad is None
+
+
+def test_masked_mean():
+    values = torch.tensor([1.0, 100.0, 3.0])
+    assert F.masked_mean(values, torch.tensor([True, False, True])).item() == pytest.approx(2.0)
+    assert F.masked_mean(values, torch.zeros(3, dtype=torch.bool)).item() == 0.0

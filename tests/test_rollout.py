@@ -1,0 +1,103 @@
+"""Rollout collection: shapes, NEXT_STEP masking, terminated vs truncated, carry-over and seeding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import counting_envs
+
+from pg_lightning import PolicyGradientModule, RolloutCollector, RolloutDataset, VectorEnvFactory
+from pg_lightning.policies import mlp_policy
+
+
+def uniform_policy(envs):
+    return mlp_policy(envs.single_observation_space, envs.single_action_space, hidden_sizes=[])
+
+
+def test_batch_shapes_are_time_major():
+    envs = VectorEnvFactory("CartPole-v1", num_envs=3).make()
+    batch = RolloutCollector(envs, steps_per_env=7, seed=0).collect(uniform_policy(envs))
+    assert batch.obs.shape == (8, 3, 4)
+    assert batch.act.shape == (7, 3)
+    for name in ("rew", "terminated", "truncated", "valid", "logp_behavior"):
+        assert getattr(batch, name).shape == (7, 3), name
+    assert batch.return_before.shape == batch.length_before.shape == (3,)
+
+
+def test_gaussian_batch_keeps_unclipped_actions_and_their_log_prob():
+    factory = VectorEnvFactory("Pendulum-v1", num_envs=2)
+    envs = factory.make()
+    policy = mlp_policy(envs.single_observation_space, envs.single_action_space, log_std_init=1.5)
+    batch = RolloutCollector(envs, steps_per_env=50, seed=0).collect(policy)
+    assert batch.act.shape == (50, 2, 1)
+    assert batch.act.abs().max() > 2.0, "σ = e^1.5 must produce samples beyond Pendulum's bound of 2"
+    torch.testing.assert_close(policy(batch.obs[:-1]).log_prob(batch.act), batch.logp_behavior)
+
+
+def test_reset_steps_are_masked_and_episodes_carry_over():
+    # Episodes of 3 steps: done at t = 2, reset step at t = 3, next episode at t = 4, 5, 6, reset at 7, ...
+    envs = counting_envs([3])
+    collector = RolloutCollector(envs, steps_per_env=5, gamma=1.0, seed=0)
+    policy = uniform_policy(envs)
+    first = collector.collect(policy)
+    assert first.valid[:, 0].tolist() == [True, True, True, False, True]
+    assert first.terminated[:, 0].tolist() == [False, False, True, False, False]
+    assert not first.truncated.any()
+    assert first.rew[3, 0] == 0.0
+    second = collector.collect(policy)
+    # The episode that began at t = 4 of the first batch goes on; it had earned r_0 = 1 + a.
+    assert second.length_before.tolist() == [1]
+    assert second.return_before.tolist() == [float(first.rew[4, 0])]
+    assert second.valid[:, 0].tolist() == [True, True, False, True, True]
+    assert second.terminated[:, 0].tolist() == [False, True, False, False, False]
+    returns, lengths = collector.episodes.pop()
+    assert lengths == [3, 3], "episodes are tracked whole across the batch boundary"
+    assert returns[1] == pytest.approx(float(first.rew[4, 0] + second.rew[0, 0] + second.rew[1, 0]))
+    assert collector.env_steps == first.env_steps + second.env_steps == 8
+
+
+def test_truncation_is_kept_apart_from_termination():
+    envs = counting_envs([2], truncate=True)
+    batch = RolloutCollector(envs, steps_per_env=6, seed=0).collect(uniform_policy(envs))
+    assert batch.truncated[:, 0].tolist() == [False, True, False, False, True, False]
+    assert not batch.terminated.any()
+
+
+def test_same_seed_same_batch_and_different_seed_different_batch():
+    def collect(seed: int):
+        torch.manual_seed(seed)
+        envs = VectorEnvFactory("CartPole-v1", num_envs=4).make()
+        return RolloutCollector(envs, steps_per_env=64, seed=seed).collect(uniform_policy(envs))
+
+    a, b, c = collect(0), collect(0), collect(1)
+    for name in ("obs", "act", "rew", "terminated", "valid", "logp_behavior"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert not torch.equal(a.obs, c.obs)
+
+
+def test_dataset_yields_exactly_one_batch_per_iter_with_the_current_policy():
+    """Trap 1: each iter() collects anew, so a weight change between iterations is seen at once."""
+    envs = counting_envs([4, 4])
+    policy = uniform_policy(envs)
+    dataset = RolloutDataset(lambda: RolloutCollector(envs, steps_per_env=3, seed=0).collect(policy))
+    assert len(list(iter(dataset))) == 1
+    with torch.no_grad():
+        policy.logits[0].bias.copy_(torch.tensor([50.0, -50.0]))  # now always action 0
+    (batch,) = list(iter(dataset))
+    assert (batch.act == 0).all()
+
+
+def test_module_seeds_each_rank_differently(monkeypatch):
+    """Env seeds are ``seed + rank * num_envs``: the ranks' envs start from different states."""
+    factory = VectorEnvFactory("CartPole-v1", num_envs=2)
+    starts = {}
+    for rank in (0, 1):
+        module = PolicyGradientModule(factory, steps_per_env=4, seed=7)
+        monkeypatch.setattr(type(module), "global_rank", property(lambda self, r=rank: r))
+        module.setup("fit")
+        starts[rank] = module.collect_batch().obs[0]
+        module.teardown("fit")
+        expected, _ = factory.make().reset(seed=7 + rank * 2)
+        np.testing.assert_array_equal(starts[rank].numpy(), expected)
+    assert not torch.equal(starts[0], starts[1])

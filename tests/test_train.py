@@ -1,0 +1,111 @@
+"""End-to-end: train.py and the plain-Python plug-in, with their outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_configs import compose_with
+
+from pg_lightning.run import ConfigError, train
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {
+    "env_id", "estimator", "seed", "world_size", "env_steps", "iterations", "wall_s", "env_steps_per_s",
+    "train_return_mean", "eval_return_mean", "reward_threshold", "solved", "solved_at_env_steps", "metrics_csv",
+}
+
+
+def run_train_py(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(cwd)}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_train_py_honours_the_run_dir_and_writes_summary_and_csv(tmp_path):
+    run_dir = tmp_path / "my_run"
+    result = run_train_py("total_env_steps=20000", "stop_on_solve=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["env_id"] == "CartPole-v1" and summary["estimator"] == "baseline" and summary["world_size"] == 1
+    assert summary["status"] == "finished" and summary["seed"] == 0
+    batch = 16 * 1024
+    assert 20000 <= summary["env_steps"] <= 2 * batch, "training stops at the first iteration past the budget"
+    assert summary["iterations"] == 2
+    with open(summary["metrics_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert Path(summary["metrics_csv"]).parent == run_dir
+    env_steps = [float(r["rollout/env_steps"]) for r in rows if r.get("rollout/return_mean")]
+    assert len(env_steps) == 2 and env_steps[-1] == summary["env_steps"]
+    assert any(r.get("eval/return_mean") for r in rows), "the final evaluation is logged"
+    # The default logger is W&B in offline mode: its files are in the run dir, nothing was sent.
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.slow
+def test_bad_value_gives_one_clear_line_and_exit_code_2(tmp_path):
+    result = run_train_py("estimator.gamma=1.5", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "estimator.gamma" in error_lines[0] and "1.5" in error_lines[0]
+
+
+@pytest.mark.slow
+def test_default_config_solves_cartpole_and_stops(tmp_path):
+    summary = train(compose_with("logger=csv"), tmp_path)
+    assert summary["solved"] is True and summary["eval_return_mean"] >= 475
+    assert summary["solved_at_env_steps"] == summary["env_steps"] < compose_with().total_env_steps
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "estimator", "env_id"),
+    [
+        (["estimator=reinforce"], "reinforce", "CartPole-v1"),
+        (["estimator=reward_to_go", "optimizer=sgd"], "reward_to_go", "CartPole-v1"),
+        (["env=pendulum", "steps_per_env=200", "env.num_envs=4"], "baseline", "Pendulum-v1"),
+        (["env=masked_cartpole", "policy=linear"], "baseline", "CartPole-v1"),
+    ],
+)
+def test_presets_and_envs_run(tmp_path, overrides, estimator, env_id):
+    cfg = compose_with(*overrides, "logger=none", "total_env_steps=2000", "steps_per_env=100")
+    summary = train(cfg, tmp_path)
+    assert summary["estimator"] == estimator and summary["env_id"] == env_id
+    assert summary["env_steps"] >= 2000 and summary["metrics_csv"] is None
+    assert summary["eval_return_mean"] is not None
+
+
+def test_config_errors_name_key_and_value(tmp_path):
+    for override, pattern in [
+        ("env.num_envs=0", r"env\.num_envs.*0"),
+        ("steps_per_env=-5", r"steps_per_env.*-5"),
+        ("env.id=CartPol-v1", r"env\.id 'CartPol-v1'.*CartPole-v1"),
+        ("estimator.baseline=median", r"estimator\.baseline.*median"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            train(compose_with(override, "logger=none"), tmp_path)
+
+
+@pytest.mark.slow
+def test_readme_plugin_example_runs(tmp_path, monkeypatch):
+    """The README's plain-Python example, executed as written (with a smaller budget)."""
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- plugin-example -->\s*```python\n(.*?)```", readme, re.S)
+    assert match, "README has the plug-in example"
+    code = match.group(1).replace("total_env_steps=300_000", "total_env_steps=20_000")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["module"].env_steps >= 20_000

@@ -1,0 +1,36 @@
+"""Train a policy with policy gradients: ``python train.py [group=option ...] [key=value ...]``.
+
+Examples::
+
+    python train.py                                  # CartPole-v1, reward-to-go with a baseline, Adam
+    python train.py estimator=reinforce env=acrobot
+    python train.py -m estimator=reinforce,reward_to_go,baseline seed=0,1,2
+
+Outputs (metrics.csv, summary.json, W&B offline files) go to Hydra's run dir (``hydra.run.dir``).
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from pg_lightning.run import ConfigError, train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = train(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"{summary['status']}: {summary['env_id']} {summary['estimator']} seed={summary['seed']} "
+        f"env_steps={summary['env_steps']} eval_return_mean={summary['eval_return_mean']} "
+        f"solved={summary['solved']} wall_s={summary['wall_s']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
