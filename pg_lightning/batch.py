@@ -65,3 +65,12 @@ class RolloutBatch:
     def to(self, device: torch.device | str) -> RolloutBatch:
         """A copy with every tensor on ``device``."""
         return RolloutBatch(**{name: value.to(device) for name, value in vars(self).items()})
+
+    def select_envs(self, index: torch.Tensor | slice) -> RolloutBatch:
+        """The batch restricted to the envs (columns) ``index``."""
+        return RolloutBatch(
+            **{
+                name: value[index] if name in ("return_before", "length_before") else value[:, index]
+                for name, value in vars(self).items()
+            }
+        )

@@ -1,27 +1,42 @@
 """Gradient estimators: hyperparameters that turn a rollout batch into per-step weights Ψ_t.
 
-The pseudo-loss (``functional.pseudo_loss``) is the same for every estimator; they differ only in Ψ:
+The pseudo-loss (``gradient.policy_loss``) is the same for every estimator; they differ only in Ψ:
 
-    reinforce      Ψ_t = R(τ)             full discounted return of the step's episode   (lecture §2)
-    reward_to_go   Ψ_t = Q_t              Σ_{t'≥t} γ^{t'-t} r_t'                          (§5.1)
-    baseline       Ψ_t = Q_t - b          b = the batch average of Q_t over the used steps  (§5.2)
+    preset             Ψ_t                                                           lecture
+    reinforce          R(τ) = Σ_k γ^k r_k, the whole episode's return                 §2
+    reward_to_go       Q_t = Σ_{t'≥t} γ^{t'-t} r_t'                                   §5.1
+    baseline           Q_t - b,  b = average Q over the batch's other trajectories     §5.2
+    optimal_baseline   R(τ) - b*_k per parameter k, b*_k = E[g_k² R] / E[g_k²]        §5.2
+    value_baseline     Q̂_t - V_φ(s_t), Q̂ bootstrapped with V_φ where an episode is cut    §5.2 (learned)
+    gae                A_t^{GAE(γ, λ)} with V_φ                                        Schulman et al. 2016
+
+``normalize=True`` standardises Ψ over the batch (any preset).
 
 Episodes cut by the end of a batch
 ----------------------------------
-A batch is ``T`` steps of each env, and episodes run on across batches (they are not reset when an
-iteration ends). For a step whose episode is still running at the batch's last step, neither Q_t nor
-R(τ) is known: the rewards that decide them have not happened yet. None of these presets can bootstrap
-them (they have no value function), so such steps are left out of the loss (``mask`` False); they still
-count as env steps. The episode continues in the next batch, where its remaining steps are used
-with their exact Q_t, and REINFORCE's R(τ) includes what the episode earned before that batch
-(``RolloutBatch.return_before``). A time-limit truncation is the end of the finite-horizon episode
-(lecture §1: the sum runs to T) and is used like a termination. ``N`` in the pseudo-loss is the number
-of episodes that end in the batch.
+A batch is ``T`` steps of each env, and episodes run on across batches. For a step whose episode is
+still running at the batch's last step, Q_t and R(τ) depend on rewards that have not happened yet.
+
+- Presets with a value function bootstrap it: Q̂ adds γ V_φ(obs[T]) at the cut, exactly as after a
+  time-limit truncation (γ V_φ(final obs)); after a termination the value is 0. Every step is used.
+- Presets without one cannot, so those steps are left out of the loss (``mask`` False); they still
+  count as env steps. The episode continues in the next batch, where its remaining steps are used with
+  their exact Q_t, and REINFORCE's R(τ) includes what the episode earned before that batch
+  (``RolloutBatch.return_before``). A time-limit truncation is the end of the finite-horizon episode
+  (the lecture's sum runs to T) and is used like a termination.
+
+``N`` in the pseudo-loss is the number of trajectory segments (episodes, or their parts inside the
+batch) that have a used step; for a batch of whole episodes it is the number of episodes.
+
+Batch baselines (``average``, ``optimal``) leave the weighted trajectory out of their own average, so
+they are independent of its actions and the estimate stays unbiased; every statistic they use is a sum
+over trajectories, which a multi-process run can all-reduce.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -29,19 +44,50 @@ import torch
 from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
 
-BaselineKind = Literal["none", "average"]
+BaselineKind = Literal["none", "average", "optimal", "value"]
+BASELINES = ("none", "average", "optimal", "value")
+
+
+@dataclass(frozen=True)
+class ValueFunctionConfig:
+    """The learned baseline V_φ(s): an MLP fitted by regression on the bootstrapped reward-to-go.
+
+    Args:
+        hidden_sizes: MLP hidden layer sizes.
+        activation: ``tanh``, ``relu`` or ``elu``.
+        lr: Adam learning rate of V_φ (its own optimizer, separate from the policy's).
+        steps: full-batch regression steps per iteration (the course homework's ``baseline_gradient_steps``).
+    """
+
+    hidden_sizes: Sequence[int] = (64, 64)
+    activation: str = "tanh"
+    lr: float = 1e-2
+    steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"estimator.value.lr must be positive, got {self.lr}")
+        if self.steps < 1:
+            raise ValueError(f"estimator.value.steps must be a positive integer, got {self.steps}")
 
 
 @dataclass(frozen=True)
 class EstimatorOutput:
-    """What an estimator gives the pseudo-loss.
+    """What an estimator gives the pseudo-loss; every tensor is ``[T, B]``.
 
-    ``weights`` and ``mask`` are ``[T, B]``; ``num_episodes`` is N of lecture §7.2.
+    Attributes:
+        weights: Ψ_t (0 where ``mask`` is False).
+        mask: the steps that enter the loss.
+        segments: trajectory-segment id of each step (-1 on reset steps), see ``functional.segment_ids``.
+        num_segments: N, the number of segments with a used step.
+        value_targets: regression targets for V_φ (bootstrapped reward-to-go), or None.
     """
 
     weights: torch.Tensor
     mask: torch.Tensor
-    num_episodes: torch.Tensor
+    segments: torch.Tensor
+    num_segments: torch.Tensor
+    value_targets: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -52,36 +98,81 @@ class Estimator:
         name: the preset's name, as reported in ``summary.json``.
         gamma: discount γ in [0, 1].
         reward_to_go: weight step t by its reward-to-go Q_t (causality, §5.1) instead of R(τ).
-        baseline: ``"none"``, or ``"average"``: subtract b = mean of the (unbaselined) weights over the
-            batch's used steps (§5.2). A constant b leaves the gradient's expectation unchanged
-            (E[∇ log π] = 0) and centres the weights, which lowers the variance.
+        baseline: ``none``; ``average`` (leave-one-out batch mean of the weights); ``optimal``
+            (per-parameter b*, trajectory form: needs ``reward_to_go=False``; costs one batched backward
+            pass per batch giving an ``[N, P]`` matrix of per-trajectory score vectors); ``value``
+            (learned V_φ: needs ``value`` and ``reward_to_go=True``).
+        gae_lambda: λ of GAE for ``baseline=value``; 1 is the plain value baseline Q̂_t - V(s_t).
+        normalize: standardise the weights over the batch's used steps.
+        value: the value function's settings, for ``baseline=value`` only.
     """
 
     name: str = "baseline"
     gamma: float = 0.99
     reward_to_go: bool = True
     baseline: BaselineKind = "average"
+    gae_lambda: float = 1.0
+    normalize: bool = False
+    value: ValueFunctionConfig | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"estimator.gamma must be in [0, 1], got {self.gamma}")
-        if self.baseline not in ("none", "average"):
-            raise ValueError(f"estimator.baseline must be 'none' or 'average', got {self.baseline!r}")
-
-    def __call__(self, batch: RolloutBatch) -> EstimatorOutput:
-        """Weights Ψ ``[T, B]``, the mask of steps that enter the loss, and N (see the module doc)."""
-        done = batch.done
-        mask = batch.valid & F.ends_in_batch(done)
-        if self.reward_to_go:
-            weights = F.reward_to_go(batch.rew, done, self.gamma)
+        if self.baseline not in BASELINES:
+            raise ValueError(f"estimator.baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"estimator.gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        if self.baseline == "value":
+            if self.value is None:
+                raise ValueError("estimator.value is required for estimator.baseline=value (a learned V needs its settings)")
+            if not self.reward_to_go:
+                raise ValueError("estimator.reward_to_go=false cannot be combined with estimator.baseline=value")
         else:
-            weights = F.episode_returns(
-                batch.rew, done, batch.valid, self.gamma, batch.return_before, batch.length_before
+            if self.value is not None:
+                raise ValueError(f"estimator.value is only used with estimator.baseline=value, got baseline={self.baseline!r}")
+            if self.gae_lambda != 1.0:
+                raise ValueError(f"estimator.gae_lambda={self.gae_lambda} needs estimator.baseline=value")
+        if self.baseline == "optimal" and self.reward_to_go:
+            raise ValueError("estimator.baseline=optimal is the trajectory form of §5.2: set estimator.reward_to_go=false")
+
+    @property
+    def needs_value(self) -> bool:
+        return self.baseline == "value"
+
+    def __call__(self, batch: RolloutBatch, values: torch.Tensor | None = None) -> EstimatorOutput:
+        """Weights Ψ, mask, segments and N for ``batch``; ``values`` is V_φ(obs) ``[T + 1, B]`` if needed."""
+        done = batch.done
+        segments = F.segment_ids(batch.valid, done)
+        value_targets = None
+        if self.needs_value:
+            if values is None:
+                raise ValueError(f"estimator {self.name!r} needs the values V(obs) of the batch")
+            mask = batch.valid
+            weights = F.generalized_advantages(batch.rew, values, batch.terminated, done, self.gamma, self.gae_lambda)
+            returns = weights if self.gae_lambda == 1.0 else F.generalized_advantages(
+                batch.rew, values, batch.terminated, done, self.gamma, 1.0
             )
-        if self.baseline == "average":
-            weights = weights - F.masked_mean(weights, mask)
-        num_episodes = (done & batch.valid).sum()
-        return EstimatorOutput(weights=weights * mask, mask=mask, num_episodes=num_episodes)
+            value_targets = returns + values[:-1]
+        else:
+            mask = batch.valid & F.ends_in_batch(done)
+            if self.reward_to_go:
+                weights = F.reward_to_go(batch.rew, done, self.gamma)
+            else:
+                weights = F.episode_returns(
+                    batch.rew, done, batch.valid, self.gamma, batch.return_before, batch.length_before
+                )
+            if self.baseline == "average":
+                weights = weights - F.leave_one_out_mean(weights, mask, segments)
+        if self.normalize:
+            weights = F.standardize(weights, mask)
+        num_segments = torch.unique(segments[mask]).numel()
+        return EstimatorOutput(
+            weights=weights * mask,
+            mask=mask,
+            segments=segments,
+            num_segments=torch.tensor(num_segments, device=weights.device),
+            value_targets=value_targets,
+        )
 
 
 def reinforce(gamma: float = 0.99) -> Estimator:
@@ -95,5 +186,20 @@ def reward_to_go(gamma: float = 0.99) -> Estimator:
 
 
 def baseline(gamma: float = 0.99) -> Estimator:
-    """Reward-to-go minus the batch-average: Ψ_t = Q_t - mean(Q) (lecture §5.2)."""
+    """Reward-to-go minus the leave-one-out batch average (lecture §5.2)."""
     return Estimator(name="baseline", gamma=gamma, reward_to_go=True, baseline="average")
+
+
+def optimal_baseline(gamma: float = 0.99) -> Estimator:
+    """R(τ) minus the per-parameter optimal baseline b*_k (lecture §5.2)."""
+    return Estimator(name="optimal_baseline", gamma=gamma, reward_to_go=False, baseline="optimal")
+
+
+def value_baseline(gamma: float = 0.99, value: ValueFunctionConfig = ValueFunctionConfig()) -> Estimator:
+    """Bootstrapped reward-to-go minus a learned V_φ(s_t)."""
+    return Estimator(name="value_baseline", gamma=gamma, baseline="value", value=value)
+
+
+def gae(gamma: float = 0.99, gae_lambda: float = 0.95, value: ValueFunctionConfig = ValueFunctionConfig()) -> Estimator:
+    """Generalised advantage estimation with a learned V_φ."""
+    return Estimator(name="gae", gamma=gamma, baseline="value", gae_lambda=gae_lambda, value=value)

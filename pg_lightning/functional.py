@@ -106,3 +106,95 @@ def pseudo_loss(
     """
     terms = logp * weights.detach() * mask
     return -terms.sum() / max(float(num_episodes), 1.0)
+
+
+def segment_ids(valid: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """``[T, B]`` int64: a distinct id (0 … N-1) per trajectory segment, -1 on invalid steps.
+
+    A segment is the part of one episode inside the batch: it starts at step 0 or after an invalid
+    (reset) step, and ends at a ``done`` step or at the batch end. Ids are ordered env by env.
+    """
+    starts = torch.ones_like(valid)
+    starts[1:] = ~valid[:-1] | done[:-1]
+    starts &= valid
+    # Time-major cumsum of the transposed [B, T] layout numbers segments env by env.
+    ids = torch.cumsum(starts.T.reshape(-1).long(), 0).reshape(starts.T.shape).T - 1
+    return torch.where(valid, ids, torch.full_like(ids, -1))
+
+
+def segment_sum(values: torch.Tensor, ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """``[N]``: the sum of ``values [T, B]`` over the steps of each segment (steps with id -1 dropped)."""
+    keep = ids >= 0
+    return values.new_zeros(num_segments).index_add(0, ids[keep], values[keep])
+
+
+def leave_one_out_mean(values: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[T, B]``: for each step, the mean of ``values`` over the used steps of *other* segments.
+
+        b_i = (Σ_j S_j - S_i) / (Σ_j n_j - n_i),   S_i, n_i = sum and count of segment i's used steps
+
+    Leaving the step's own trajectory out keeps a batch baseline independent of the actions it
+    weights, so the estimator stays unbiased (lecture §5.2: E[∇ log π · b] = 0 needs b independent of a).
+    Both totals are sums, so they can be reduced across processes. 0 where no other segment has a used step.
+    """
+    num_segments = int(ids.max()) + 1 if ids.numel() else 0
+    used_ids = torch.where(mask, ids, torch.full_like(ids, -1))
+    seg_sum = segment_sum(values * mask, used_ids, num_segments)
+    seg_count = segment_sum(mask.to(values.dtype), used_ids, num_segments)
+    own = ids.clamp(min=0)
+    others_sum = seg_sum.sum() - seg_sum[own]
+    others_count = seg_count.sum() - seg_count[own]
+    return torch.where(others_count > 0, others_sum / others_count.clamp(min=1), torch.zeros_like(values))
+
+
+def generalized_advantages(
+    rew: torch.Tensor,
+    values: torch.Tensor,
+    terminated: torch.Tensor,
+    done: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> torch.Tensor:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), ``[T, B]``.
+
+        δ_t = r_t + γ (1 - terminated_t) V(s_{t+1}) - V(s_t)
+        A_t = δ_t + γ λ (1 - done_t) A_{t+1},           A_T = 0
+
+    ``values`` is ``[T + 1, B]``, V at ``obs[0..T]``. Under NEXT_STEP autoreset ``obs[t + 1]`` after a
+    final step is the true final observation, so a truncated episode bootstraps V(final obs), a
+    terminated one uses 0, and an episode cut by the batch end bootstraps V(obs[T]).
+    λ = 1 gives A_t = Q̂_t - V(s_t) with the bootstrapped reward-to-go Q̂_t (the value baseline);
+    λ = 0 gives the one-step TD error δ_t.
+    """
+    continues = (~done).to(rew.dtype)
+    alive = (~terminated).to(rew.dtype)
+    deltas = rew + gamma * alive * values[1:] - values[:-1]
+    out = torch.empty_like(rew)
+    future = torch.zeros_like(rew[0])
+    for t in range(rew.shape[0] - 1, -1, -1):
+        future = deltas[t] + gamma * gae_lambda * continues[t] * future
+        out[t] = future
+    return out
+
+
+def standardize(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(values - mean) / std`` over the masked steps (advantage normalisation); 0 off the mask."""
+    mean = masked_mean(values, mask)
+    std = masked_mean((values - mean) ** 2, mask).sqrt()
+    return (values - mean) / (std + eps) * mask
+
+
+def optimal_baseline(scores: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """Per-parameter optimal baseline of lecture §5.2, leave-one-out: ``[N, P]``.
+
+        b*_k = E[g_k² R] / E[g_k²],   g = Σ_t ∇_θ log π(a_t|s_t) of one trajectory
+
+    For trajectory i, both expectations are taken over the *other* trajectories (so b is independent
+    of trajectory i's actions and the estimate stays unbiased). ``scores`` is ``[N, P]`` (g per
+    trajectory), ``returns`` ``[N]`` (R per trajectory). Where Σ_{j≠i} g_jk² = 0 the baseline is 0.
+    """
+    g2 = scores**2
+    g2r = g2 * returns[:, None]
+    others_g2 = g2.sum(0, keepdim=True) - g2
+    others_g2r = g2r.sum(0, keepdim=True) - g2r
+    return torch.where(others_g2 > 0, others_g2r / others_g2.clamp(min=torch.finfo(g2.dtype).tiny), torch.zeros_like(g2))

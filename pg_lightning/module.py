@@ -4,8 +4,13 @@ One Lightning epoch is one policy-gradient iteration (lecture §2, the REINFORCE
 
 1. ``train_dataloader`` yields one batch collected with the *current* policy (``rollout.py``);
 2. ``training_step`` computes log π_θ(a_t|s_t), the estimator's weights Ψ_t and the pseudo-loss
-   -(1/N) Σ_i Σ_t log π_θ(a_it|s_it) Ψ_it (§7.2), whose gradient Lightning's optimizer follows;
-3. the module stops the trainer when ``total_env_steps`` is spent.
+   -(1/N) Σ_i Σ_t log π_θ(a_it|s_it) Ψ_it (§7.2), and takes one policy optimizer step on it;
+3. with a learned value baseline, V_φ is then fitted to the batch's bootstrapped reward-to-go with its
+   own optimizer (after Ψ was computed with the old V_φ, so the baseline does not depend on the batch);
+4. the module stops the trainer when ``total_env_steps`` is spent.
+
+Optimization is manual (two optimizers, and a step is skipped when no step of the batch has a weight),
+so Lightning's ``gradient_clip_val`` does not apply.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from torch.utils.data import DataLoader
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.envs import VectorEnvFactory, check_action_space
 from pg_lightning.estimators import Estimator
-from pg_lightning.functional import masked_mean, pseudo_loss
+from pg_lightning.functional import masked_mean
+from pg_lightning.gradient import policy_loss
 from pg_lightning.policies import mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
+from pg_lightning.value import ValueFunction, value_loss
 
 PolicyFactory = Callable[[gym.Space, gym.Space], nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -68,6 +75,10 @@ class PolicyGradientModule(LightningModule):
             policy = (policy or mlp_policy)(observation_space, action_space)
         self.policy = policy
         self.estimator = estimator or Estimator()
+        self.value_fn = (
+            ValueFunction.for_space(observation_space, self.estimator.value) if self.estimator.value is not None else None
+        )
+        self.automatic_optimization = False
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-2)
         self.steps_per_env = steps_per_env
         self.total_env_steps = total_env_steps
@@ -106,23 +117,54 @@ class PolicyGradientModule(LightningModule):
         assert self.collector is not None, "setup() creates the collector"
         return self.collector.collect(self.policy)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.policy.parameters())
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        optimizers = [self.optimizer_factory(self.policy.parameters())]
+        if self.value_fn is not None:
+            assert self.estimator.value is not None
+            optimizers.append(torch.optim.Adam(self.value_fn.parameters(), lr=self.estimator.value.lr))
+        return optimizers
 
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor | None:
-        dist = self.policy(batch.obs[:-1])
-        logp = dist.log_prob(batch.act)  # [T, B]
-        estimate = self.estimator(batch)
-        loss = pseudo_loss(logp, estimate.weights, estimate.mask, estimate.num_episodes)
-        self._log_iteration(batch, estimate.mask, loss, masked_mean(dist.entropy(), batch.valid))
-        # No episode ended in this batch: no step has a known weight, so there is nothing to learn from.
-        return loss if bool(estimate.mask.any()) else None
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        values = None
+        if self.value_fn is not None:
+            with torch.no_grad():
+                values = self.value_fn(batch.obs)  # [T + 1, B], V_φ before this batch's fit
+        result = policy_loss(self.policy, batch, self.estimator, values)
+        estimate = result.estimate
+        # When no step has a known weight (no episode ended, no value to bootstrap) there is nothing to learn.
+        if bool(estimate.mask.any()):
+            policy_optimizer = optimizers[0]
+            policy_optimizer.zero_grad()
+            self.manual_backward(result.loss)
+            policy_optimizer.step()
+        metrics = {}
+        if self.value_fn is not None:
+            metrics = self._fit_value(batch, estimate.value_targets, optimizers[1], values)
+        entropy = masked_mean(result.dist.entropy(), batch.valid)
+        self._log_iteration(batch, estimate.mask, result.loss, entropy, metrics)
+
+    def _fit_value(self, batch: RolloutBatch, targets: torch.Tensor, optimizer, values: torch.Tensor) -> dict:
+        """``value.steps`` full-batch regression steps of V_φ on the bootstrapped reward-to-go."""
+        assert self.value_fn is not None and self.estimator.value is not None
+        obs = batch.obs[:-1]
+        for _ in range(self.estimator.value.steps):
+            loss = value_loss(self.value_fn, obs, targets, batch.valid)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        residual = (targets - values[:-1])[batch.valid]
+        explained = 1.0 - residual.var() / targets[batch.valid].var().clamp(min=1e-8)
+        return {"loss/value": loss.detach(), "diag/explained_variance": explained}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.total_env_steps is not None and self.env_steps >= self.total_env_steps:
             self.trainer.should_stop = True
 
-    def _log_iteration(self, batch: RolloutBatch, mask: torch.Tensor, loss: torch.Tensor, entropy: torch.Tensor) -> None:
+    def _log_iteration(
+        self, batch: RolloutBatch, mask: torch.Tensor, loss: torch.Tensor, entropy: torch.Tensor, extra: dict
+    ) -> None:
         """Log this iteration's metrics; episode statistics are reduced over ranks as (sum, count)."""
         assert self.collector is not None
         returns, lengths = self.collector.episodes.pop()
@@ -146,6 +188,7 @@ class PolicyGradientModule(LightningModule):
             "loss/policy": loss.detach(),
             "diag/entropy": entropy.detach(),
             "perf/steps_per_s": steps_per_s,
+            **extra,
         }
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         self.log_dict(

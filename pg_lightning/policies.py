@@ -25,8 +25,14 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "el
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
-def mlp(in_features: int, hidden_sizes: Sequence[int], out_features: int, activation: str) -> nn.Sequential:
-    """``in → hidden_sizes… → out`` with ``activation`` between layers; a single Linear if no hidden layer."""
+def mlp(
+    in_features: int, hidden_sizes: Sequence[int], out_features: int, activation: str, last_gain: float = 0.01
+) -> nn.Sequential:
+    """``in → hidden_sizes… → out`` with ``activation`` between layers; a single Linear if no hidden layer.
+
+    The last layer is initialised orthogonally with ``last_gain``: a small gain starts a policy near
+    uniform (or near its initial σ), the usual practice for policy gradients.
+    """
     if activation not in ACTIVATIONS:
         raise ValueError(f"policy.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     sizes = [in_features, *hidden_sizes, out_features]
@@ -35,10 +41,9 @@ def mlp(in_features: int, hidden_sizes: Sequence[int], out_features: int, activa
         if i > 0:
             layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(fan_in, fan_out))
-    # A small last layer starts the policy near uniform / near its initial σ (common PG practice).
     last = layers[-1]
     assert isinstance(last, nn.Linear)
-    nn.init.orthogonal_(last.weight, gain=0.01)
+    nn.init.orthogonal_(last.weight, gain=last_gain)
     nn.init.zeros_(last.bias)
     return nn.Sequential(*layers)
 

@@ -9,9 +9,11 @@ their running episodes live in the ``RolloutCollector`` and survive across itera
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
@@ -19,7 +21,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from pg_lightning.batch import RolloutBatch
-from pg_lightning.envs import check_action_space, to_env_action
+from pg_lightning.envs import VectorEnvFactory, check_action_space, to_env_action
 
 
 @dataclass
@@ -70,12 +72,13 @@ class RolloutCollector:
         self._ep_length = np.zeros(num_envs, dtype=np.int64)
 
     @torch.no_grad()
-    def collect(self, policy: nn.Module) -> RolloutBatch:
-        """Step every env ``T`` times with actions sampled from ``policy``; return the batch."""
+    def collect(self, policy: nn.Module, num_steps: int | None = None) -> RolloutBatch:
+        """Step every env ``num_steps`` (default T) times with actions sampled from ``policy``."""
         device = _device_of(policy)
         if self._obs is None:
             self._obs, _ = self.envs.reset(seed=self.seed)
-        num_steps, num_envs = self.steps_per_env, self.envs.num_envs
+        num_steps = self.steps_per_env if num_steps is None else num_steps
+        num_envs = self.envs.num_envs
         obs_shape = self.envs.single_observation_space.shape
         obs = torch.empty((num_steps + 1, num_envs, *obs_shape), dtype=torch.float32, device=device)
         logp = torch.empty((num_steps, num_envs), dtype=torch.float32, device=device)
@@ -155,3 +158,95 @@ class RolloutDataset(IterableDataset):
 def _device_of(module: nn.Module) -> torch.device:
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def collect(
+    policy: nn.Module,
+    env: str | VectorEnvFactory | gym.Env | VectorEnv,
+    *,
+    num_steps: int | None = None,
+    num_episodes: int | None = None,
+    seed: int | None = None,
+    gamma: float = 0.99,
+) -> RolloutBatch:
+    """Collect a batch with ``policy``: the same code path as training (``RolloutCollector``).
+
+    Args:
+        policy: ``obs -> Distribution``.
+        env: a registered gymnasium id, a ``VectorEnvFactory``, an env or a vector env (reset here).
+        num_steps: collect at least this many steps: ``ceil(num_steps / num_envs)`` steps of each env.
+        num_episodes: collect exactly this many complete episodes, each from a reset. An id or factory
+            is built with one env per episode. With a given vector env of B envs, env b contributes its
+            first ``num_episodes // B`` (+1 for the first ``num_episodes % B`` envs) episodes: a choice
+            fixed in advance, so that short episodes are not favoured. Every other step is marked invalid.
+        seed: seed of the envs' reset.
+        gamma: discount for ``RolloutBatch.return_before`` (0 here: every episode starts in the batch).
+
+    Exactly one of ``num_steps`` and ``num_episodes`` must be given.
+    """
+    if (num_steps is None) == (num_episodes is None):
+        raise ValueError("collect: give exactly one of num_steps and num_episodes")
+    envs = _as_vector_env(env, num_envs=num_episodes)
+    collector = RolloutCollector(envs, steps_per_env=1, gamma=gamma, seed=seed)
+    if num_steps is not None:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
+        return collector.collect(policy, num_steps=math.ceil(num_steps / envs.num_envs))
+    assert num_episodes is not None
+    if num_episodes < 1:
+        raise ValueError(f"num_episodes must be a positive integer, got {num_episodes}")
+    quota = torch.full((envs.num_envs,), num_episodes // envs.num_envs)
+    quota[: num_episodes % envs.num_envs] += 1
+    chunks, ended = [], torch.zeros(envs.num_envs, dtype=torch.long)
+    while (ended < quota).any():
+        chunks.append(collector.collect(policy, num_steps=_EPISODE_CHUNK))
+        ended += (chunks[-1].done & chunks[-1].valid).sum(0).cpu()
+    return _first_episodes(_concat_in_time(chunks), quota)
+
+
+# Steps per collect call while gathering whole episodes.
+_EPISODE_CHUNK = 16
+
+
+def _as_vector_env(env: str | VectorEnvFactory | gym.Env | VectorEnv, num_envs: int | None) -> VectorEnv:
+    if isinstance(env, VectorEnv):
+        return env
+    if isinstance(env, gym.Env):
+        return gym.vector.SyncVectorEnv([lambda: env])
+    factory = env if isinstance(env, VectorEnvFactory) else VectorEnvFactory(id=env)
+    return factory.make(num_envs=num_envs)
+
+
+def _concat_in_time(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Consecutive batches of the same envs as one: ``obs`` overlap by one step at each seam."""
+    first = batches[0]
+    return RolloutBatch(
+        obs=torch.cat([b.obs[:-1] for b in batches] + [batches[-1].obs[-1:]]),
+        act=torch.cat([b.act for b in batches]),
+        rew=torch.cat([b.rew for b in batches]),
+        terminated=torch.cat([b.terminated for b in batches]),
+        truncated=torch.cat([b.truncated for b in batches]),
+        valid=torch.cat([b.valid for b in batches]),
+        logp_behavior=torch.cat([b.logp_behavior for b in batches]),
+        return_before=first.return_before,
+        length_before=first.length_before,
+    )
+
+
+def _first_episodes(batch: RolloutBatch, quota: torch.Tensor) -> RolloutBatch:
+    """Keep the first ``quota[b]`` episodes of each env b (all complete); mark every other step invalid."""
+    starts = torch.ones_like(batch.valid)
+    starts[1:] = ~batch.valid[:-1] | batch.done[:-1]
+    episode_index = torch.cumsum((starts & batch.valid).long(), 0) - 1  # [T, B]: k-th episode of env b
+    keep = batch.valid & (episode_index < quota.to(episode_index.device))
+    return RolloutBatch(
+        obs=batch.obs,
+        act=batch.act,
+        rew=batch.rew * keep,
+        terminated=batch.terminated & keep,
+        truncated=batch.truncated & keep,
+        valid=keep,
+        logp_behavior=batch.logp_behavior,
+        return_before=torch.zeros_like(batch.return_before),
+        length_before=torch.zeros_like(batch.length_before),
+    )

@@ -129,3 +129,77 @@ def test_masked_mean():
     values = torch.tensor([1.0, 100.0, 3.0])
     assert F.masked_mean(values, torch.tensor([True, False, True])).item() == pytest.approx(2.0)
     assert F.masked_mean(values, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_segment_ids_number_each_episode_part_once():
+    valid = torch.tensor([[1, 1], [1, 1], [0, 1], [1, 1]]).bool()
+    done = torch.tensor([[0, 0], [1, 0], [0, 1], [0, 0]]).bool()
+    assert F.segment_ids(valid, done).tolist() == [[0, 2], [0, 2], [-1, 2], [1, 3]]
+
+
+def test_leave_one_out_mean_matches_loop():
+    rew, terminated, truncated, valid = random_episode_data(25, 3, seed=5)
+    done = terminated | truncated
+    mask = valid & F.ends_in_batch(done)
+    ids = F.segment_ids(valid, done)
+    got = F.leave_one_out_mean(rew, mask, ids)
+    for t in range(25):
+        for b in range(3):
+            if ids[t, b] < 0:
+                continue  # reset steps belong to no trajectory; their value is never used
+            others = [float(rew[u, c]) for u in range(25) for c in range(3) if mask[u, c] and ids[u, c] != ids[t, b]]
+            expected = sum(others) / len(others) if others else 0.0
+            assert got[t, b].item() == pytest.approx(expected, abs=1e-5)
+
+
+def loop_gae(rew, values, terminated, done, gamma, lam):
+    num_steps, num_envs = rew.shape
+    out = torch.zeros_like(rew)
+    for b in range(num_envs):
+        advantage = 0.0
+        for t in reversed(range(num_steps)):
+            if done[t, b]:
+                advantage = 0.0
+            bootstrap = 0.0 if terminated[t, b] else gamma * float(values[t + 1, b])
+            delta = float(rew[t, b]) + bootstrap - float(values[t, b])
+            advantage = delta + gamma * lam * advantage
+            out[t, b] = advantage
+    return out
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.9, 1.0])
+def test_gae_matches_loop(lam):
+    rew, terminated, truncated, _ = random_episode_data(30, 4, seed=6)
+    values = torch.randn(31, 4, generator=torch.Generator().manual_seed(7))
+    done = terminated | truncated
+    torch.testing.assert_close(
+        F.generalized_advantages(rew, values, terminated, done, 0.9, lam), loop_gae(rew, values, terminated, done, 0.9, lam)
+    )
+
+
+def test_value_targets_bootstrap_after_truncation_and_cut_but_not_after_termination():
+    """λ = 1: A_t + V(s_t) is the reward-to-go, closed by γ V(next obs) unless the episode terminated."""
+    gamma = 0.5
+    rew = torch.tensor([[1.0, 1.0, 1.0]])  # one step, three envs
+    values = torch.tensor([[0.0, 0.0, 0.0], [10.0, 10.0, 10.0]])  # V(obs[0]), V(obs[1])
+    terminated = torch.tensor([[True, False, False]])
+    truncated = torch.tensor([[False, True, False]])  # env 2: cut by the batch end
+    advantages = F.generalized_advantages(rew, values, terminated, terminated | truncated, gamma, 1.0)
+    assert advantages[0].tolist() == [1.0, 1.0 + gamma * 10.0, 1.0 + gamma * 10.0]
+
+
+def test_optimal_baseline_leaves_one_out():
+    generator = torch.Generator().manual_seed(8)
+    scores, returns = torch.randn(6, 4, generator=generator), torch.randn(6, generator=generator)
+    got = F.optimal_baseline(scores, returns)
+    for i in range(6):
+        others = [j for j in range(6) if j != i]
+        g2 = scores[others] ** 2
+        torch.testing.assert_close(got[i], (g2 * returns[others, None]).sum(0) / g2.sum(0))
+
+
+def test_standardize():
+    values = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    out = F.standardize(values, torch.tensor([True, True, True, False]))
+    assert out[:3].mean().abs() < 1e-6 and out[:3].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    assert out[3] == 0.0

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import counting_envs
 
-from pg_lightning import PolicyGradientModule, RolloutCollector, RolloutDataset, VectorEnvFactory
+from pg_lightning import PolicyGradientModule, RolloutCollector, RolloutDataset, VectorEnvFactory, collect
+from pg_lightning import functional as F
 from pg_lightning.policies import mlp_policy
 
 
@@ -101,3 +102,26 @@ def test_module_seeds_each_rank_differently(monkeypatch):
         expected, _ = factory.make().reset(seed=7 + rank * 2)
         np.testing.assert_array_equal(starts[rank].numpy(), expected)
     assert not torch.equal(starts[0], starts[1])
+
+
+def test_collect_num_episodes_returns_exactly_that_many_whole_episodes():
+    factory = VectorEnvFactory("CartPole-v1")
+    policy = mlp_policy(*factory.spaces())
+    batch = collect(policy, "CartPole-v1", num_episodes=5, seed=0)
+    assert batch.num_envs == 5
+    assert (batch.done & batch.valid).sum(0).tolist() == [1] * 5
+    first_steps = batch.valid.long().argmax(0)
+    assert first_steps.tolist() == [0] * 5, "each episode starts at the reset"
+    # A given vector env of 2 envs: 5 episodes = 3 from env 0 and 2 from env 1, all whole.
+    batch = collect(policy, factory.make(num_envs=2), num_episodes=5, seed=0)
+    assert (batch.done & batch.valid).sum(0).tolist() == [3, 2]
+    assert not (batch.valid & F.ends_in_batch(batch.done) != batch.valid).any(), "no step of an unfinished episode"
+
+
+def test_collect_num_steps_and_argument_checks():
+    factory = VectorEnvFactory("CartPole-v1", num_envs=4)
+    policy = mlp_policy(*factory.spaces())
+    batch = collect(policy, factory, num_steps=10, seed=0)
+    assert batch.num_envs == 4 and batch.num_steps == 3  # ceil(10 / 4) steps of each env
+    with pytest.raises(ValueError, match="exactly one of num_steps and num_episodes"):
+        collect(policy, factory, num_steps=10, num_episodes=2)
