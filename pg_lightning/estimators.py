@@ -5,6 +5,7 @@ The pseudo-loss (``gradient.policy_loss``) is the same for every estimator; they
     preset             Ψ_t                                                           lecture
     reinforce          R(τ) = Σ_k γ^k r_k, the whole episode's return                 §2
     reward_to_go       Q_t = Σ_{t'≥t} γ^{t'-t} r_t'                                   §5.1
+    reinforce_baseline R(τ) - b, b = average return of the batch's other trajectories §5.2
     baseline           Q_t - b,  b = average Q over the batch's other trajectories     §5.2
     optimal_baseline   R(τ) - b*_k per parameter k, b*_k = E[g_k² R] / E[g_k²]        §5.2
     value_baseline     Q̂_t - V_φ(s_t), Q̂ bootstrapped with V_φ where an episode is cut    §5.2 (learned)
@@ -62,7 +63,7 @@ class ValueFunctionConfig:
     hidden_sizes: Sequence[int] = (64, 64)
     activation: str = "tanh"
     lr: float = 1e-2
-    steps: int = 5
+    steps: int = 25
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -188,6 +189,11 @@ def reward_to_go(gamma: float = 0.99) -> Estimator:
 def baseline(gamma: float = 0.99) -> Estimator:
     """Reward-to-go minus the leave-one-out batch average (lecture §5.2)."""
     return Estimator(name="baseline", gamma=gamma, reward_to_go=True, baseline="average")
+
+
+def reinforce_baseline(gamma: float = 0.99) -> Estimator:
+    """R(τ) minus the leave-one-out average return (lecture §5.2 as written)."""
+    return Estimator(name="reinforce_baseline", gamma=gamma, reward_to_go=False, baseline="average")
 
 
 def optimal_baseline(gamma: float = 0.99) -> Estimator:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pg_lightning.batch import RolloutBatch
+from pg_lightning.diagnostics import gradient_statistics, sub_batch_gradients
 from pg_lightning.envs import VectorEnvFactory, check_action_space
 from pg_lightning.estimators import Estimator
 from pg_lightning.functional import masked_mean
@@ -51,6 +52,9 @@ class PolicyGradientModule(LightningModule):
         steps_per_env: T, time steps per env in each batch (batch = T x ``env.num_envs`` steps).
         total_env_steps: the training budget in env steps, over all ranks; ``None`` for no budget.
         seed: env seeds are ``seed + rank * num_envs + i``; action sampling is seeded per rank.
+        grad_variance_groups: if set, log each iteration the estimator's gradient variance
+            ``diag/grad_var`` and signal-to-noise ratio ``diag/grad_snr``, measured from this many
+            sub-batches of envs (costs one extra backward pass per sub-batch).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class PolicyGradientModule(LightningModule):
         steps_per_env: int = 256,
         total_env_steps: int | None = None,
         seed: int = 0,
+        grad_variance_groups: int | None = None,
     ):
         super().__init__()
         if steps_per_env < 1:
@@ -83,6 +88,9 @@ class PolicyGradientModule(LightningModule):
         self.steps_per_env = steps_per_env
         self.total_env_steps = total_env_steps
         self.seed = seed
+        if grad_variance_groups is not None and grad_variance_groups < 2:
+            raise ValueError(f"diagnostics.groups must be at least 2, got {grad_variance_groups}")
+        self.grad_variance_groups = grad_variance_groups
         self.collector: RolloutCollector | None = None
         # Run counters over all ranks (the budget and summary.json use these).
         self.env_steps = 0
@@ -131,6 +139,10 @@ class PolicyGradientModule(LightningModule):
         if self.value_fn is not None:
             with torch.no_grad():
                 values = self.value_fn(batch.obs)  # [T + 1, B], V_φ before this batch's fit
+        metrics = {}
+        if self.grad_variance_groups is not None:
+            estimates = sub_batch_gradients(self.policy, batch, self.estimator, self.value_fn, self.grad_variance_groups)
+            metrics.update({f"diag/{k}": v for k, v in gradient_statistics(estimates).items()})
         result = policy_loss(self.policy, batch, self.estimator, values)
         estimate = result.estimate
         # When no step has a known weight (no episode ended, no value to bootstrap) there is nothing to learn.
@@ -139,9 +151,8 @@ class PolicyGradientModule(LightningModule):
             policy_optimizer.zero_grad()
             self.manual_backward(result.loss)
             policy_optimizer.step()
-        metrics = {}
         if self.value_fn is not None:
-            metrics = self._fit_value(batch, estimate.value_targets, optimizers[1], values)
+            metrics.update(self._fit_value(batch, estimate.value_targets, optimizers[1], values))
         entropy = masked_mean(result.dist.entropy(), batch.valid)
         self._log_iteration(batch, estimate.mask, result.loss, entropy, metrics)
 

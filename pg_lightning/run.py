@@ -52,6 +52,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
             steps_per_env=cfg.steps_per_env,
             total_env_steps=cfg.total_env_steps,
             seed=cfg.seed,
+            grad_variance_groups=cfg.diagnostics.groups if cfg.diagnostics.grad_variance else None,
         )
         loggers = make_loggers(cfg.logger, run_dir)
         evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000)

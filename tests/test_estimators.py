@@ -10,12 +10,18 @@ from hydra.utils import instantiate
 
 from pg_lightning import Estimator, RolloutCollector
 from pg_lightning import functional as F
-from pg_lightning.estimators import ValueFunctionConfig, baseline, gae, optimal_baseline, reinforce, reward_to_go, value_baseline
+from pg_lightning.estimators import ValueFunctionConfig, baseline, gae, optimal_baseline, reinforce, reinforce_baseline, reward_to_go, value_baseline
 from pg_lightning.policies import mlp_policy
 
 from test_configs import CONF_DIR
 
-NO_VALUE_PRESETS = {"reinforce": reinforce, "reward_to_go": reward_to_go, "baseline": baseline, "optimal_baseline": optimal_baseline}
+NO_VALUE_PRESETS = {
+    "reinforce": reinforce,
+    "reward_to_go": reward_to_go,
+    "baseline": baseline,
+    "reinforce_baseline": reinforce_baseline,
+    "optimal_baseline": optimal_baseline,
+}
 PRESETS = {**NO_VALUE_PRESETS, "value_baseline": value_baseline, "gae": gae}
 
 

@@ -102,16 +102,12 @@ def assert_unbiased(estimates: torch.Tensor, exact: torch.Tensor) -> None:
     assert (deviation <= Z * standard_error + 1e-9).all(), f"|mean - exact| / SE = {(deviation / (standard_error + 1e-12)).tolist()}"
 
 
-def trajectory_average(gamma: float = 1.0) -> E.Estimator:
-    return E.Estimator(name="trajectory_average", gamma=gamma, reward_to_go=False, baseline="average")
-
-
 UNBIASED = {
     "reinforce": E.reinforce(1.0),
     "reward_to_go": E.reward_to_go(1.0),
     "baseline": E.baseline(1.0),
     "optimal_baseline": E.optimal_baseline(1.0),
-    "trajectory_average": trajectory_average(),
+    "reinforce_baseline": E.reinforce_baseline(1.0),
     "value_baseline": E.value_baseline(1.0, E.ValueFunctionConfig(hidden_sizes=[8])),
 }
 
@@ -165,7 +161,7 @@ def test_variance_ordering_on_the_chain(chain_samples):
 
 def test_optimal_baseline_has_lower_variance_per_parameter(bandit_samples):
     optimal = bandit_samples.estimates(E.optimal_baseline(1.0)).var(0)
-    average = bandit_samples.estimates(trajectory_average()).var(0)
+    average = bandit_samples.estimates(E.reinforce_baseline(1.0)).var(0)
     moving = average > 0  # parameters of the terminal state never get a gradient
     assert moving.sum() >= 6
     assert (optimal[moving] * (1 + VARIANCE_MARGIN) < average[moving]).all(), (optimal.tolist(), average.tolist())
