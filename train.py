@@ -15,16 +15,23 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from pg_lightning.module import NonFiniteUpdatesError
+from pg_lightning.rollout import EnvStepError
 from pg_lightning.run import ConfigError, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        summary = train(cfg, HydraConfig.get().runtime.output_dir)
+        summary = train(cfg, run_dir)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except (EnvStepError, NonFiniteUpdatesError) as error:
+        # The run stopped cleanly: last.ckpt and summary.json (with the full traceback) are in the run dir.
+        print(f"error: {error}\nsaved: {run_dir}/last.ckpt and {run_dir}/summary.json (status failed)", file=sys.stderr)
+        sys.exit(1)
     print(
         f"{summary['status']}: {summary['env_id']} {summary['estimator']} seed={summary['seed']} "
         f"env_steps={summary['env_steps']} eval_return_mean={summary['eval_return_mean']} "

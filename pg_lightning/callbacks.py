@@ -7,10 +7,12 @@ import math
 import os
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pg_lightning.evaluation import evaluate
 from pg_lightning.module import PolicyGradientModule
@@ -86,6 +88,18 @@ class Evaluation(Callback):
         if solved and self.stop_on_solve:
             trainer.should_stop = True
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "return_mean": self.return_mean,
+            "evaluated_at_iteration": self.evaluated_at_iteration,
+            "solved_at_env_steps": self.solved_at_env_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.return_mean = state_dict["return_mean"]
+        self.evaluated_at_iteration = state_dict["evaluated_at_iteration"]
+        self.solved_at_env_steps = state_dict["solved_at_env_steps"]
+
     @property
     def solved(self) -> bool:
         """The latest evaluation reached the reward threshold."""
@@ -99,7 +113,8 @@ class RunSummary(Callback):
         path: where to write the JSON (atomically: a temp file renamed over it).
         evaluation: the run's ``Evaluation`` callback, for eval and solve figures (optional).
         metrics_csv: path of the run's metrics CSV, or ``None`` if there is none.
-        extra: more key/values to include (e.g. the seed's config name).
+        checkpoint: path of the run's ``last.ckpt``, reported when the file exists.
+        extra: more key/values to include.
     """
 
     def __init__(
@@ -107,9 +122,11 @@ class RunSummary(Callback):
         path: str | Path,
         evaluation: Evaluation | None = None,
         metrics_csv: str | Path | None = None,
+        checkpoint: str | Path | None = None,
         extra: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.evaluation = evaluation
         self.metrics_csv = None if metrics_csv is None else str(metrics_csv)
         self.extra = dict(extra or {})
@@ -123,8 +140,9 @@ class RunSummary(Callback):
         self._write(trainer, _pg_module(pl_module), "finished")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
-        self._write(trainer, _pg_module(pl_module), status, error=f"{type(exception).__name__}: {exception}")
+        interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        error = None if interrupted else "".join(traceback.format_exception(exception))
+        self._write(trainer, _pg_module(pl_module), "interrupted" if interrupted else "failed", error=error)
 
     def _write(self, trainer: Trainer, module: PolicyGradientModule, status: str, error: str | None = None) -> None:
         if not trainer.is_global_zero:
@@ -147,12 +165,50 @@ class RunSummary(Callback):
             "solved": evaluation.solved if evaluation else False,
             "solved_at_env_steps": evaluation.solved_at_env_steps if evaluation else None,
             "metrics_csv": self.metrics_csv,
+            "checkpoint": str(self.checkpoint) if self.checkpoint is not None and self.checkpoint.exists() else None,
             **self.extra,
         }
         if error is not None:
-            summary["error"] = error
+            summary["error"] = error.strip().splitlines()[-1]
+            summary["traceback"] = error
         self.summary = summary
         write_json_atomic(self.path, summary)
+
+
+class CrashSafeCheckpoint(Callback):
+    """Keeps ``last.ckpt`` current: every ``every_n_iterations``, at the end, and on interrupt or failure.
+
+    The checkpoint holds the policy, V_φ, optimizer states, the run counters and the evaluation state
+    (Lightning's checkpoint plus ``PolicyGradientModule.on_save_checkpoint``). It is written to a temp
+    file and renamed over ``last.ckpt``, so a kill at any moment leaves the previous complete file.
+
+    Args:
+        path: where ``last.ckpt`` goes.
+        every_n_iterations: period of the regular save.
+    """
+
+    def __init__(self, path: str | Path, every_n_iterations: int = 50):
+        if every_n_iterations < 1:
+            raise ValueError(f"checkpoint.every_n_iterations must be a positive integer, got {every_n_iterations}")
+        self.path = Path(path)
+        self.every_n_iterations = every_n_iterations
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if _pg_module(pl_module).iterations % self.every_n_iterations == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.world_size == 1:  # saving is collective: with several ranks, one failing rank would hang it
+            self.save(trainer)
+
+    def save(self, trainer: Trainer) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -36,6 +36,10 @@ from pg_lightning.policies import mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.value import ValueFunction, value_loss
 
+class NonFiniteUpdatesError(RuntimeError):
+    """Too many consecutive updates had a non-finite loss or gradient."""
+
+
 PolicyFactory = Callable[[gym.Space, gym.Space], nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -55,6 +59,8 @@ class PolicyGradientModule(LightningModule):
         grad_variance_groups: if set, log each iteration the estimator's gradient variance
             ``diag/grad_var`` and signal-to-noise ratio ``diag/grad_snr``, measured from this many
             sub-batches of envs (costs one extra backward pass per sub-batch).
+        max_skipped_updates: an update whose loss or gradient is not finite is skipped (and counted
+            in ``diag/skipped_updates``); this many in a row stop training with ``NonFiniteUpdatesError``.
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class PolicyGradientModule(LightningModule):
         total_env_steps: int | None = None,
         seed: int = 0,
         grad_variance_groups: int | None = None,
+        max_skipped_updates: int = 10,
     ):
         super().__init__()
         if steps_per_env < 1:
@@ -91,6 +98,11 @@ class PolicyGradientModule(LightningModule):
         if grad_variance_groups is not None and grad_variance_groups < 2:
             raise ValueError(f"diagnostics.groups must be at least 2, got {grad_variance_groups}")
         self.grad_variance_groups = grad_variance_groups
+        if max_skipped_updates < 1:
+            raise ValueError(f"max_skipped_updates must be a positive integer, got {max_skipped_updates}")
+        self.max_skipped_updates = max_skipped_updates
+        self.skipped_updates = 0
+        self._skipped_in_a_row = 0
         self.collector: RolloutCollector | None = None
         # Run counters over all ranks (the budget and summary.json use these).
         self.env_steps = 0
@@ -108,6 +120,7 @@ class PolicyGradientModule(LightningModule):
                 self.steps_per_env,
                 gamma=self.estimator.gamma,
                 seed=self.seed + rank * self.env.num_envs,
+                name=self.env.id,
             )
             # seed_everything gives every rank the same torch stream: give each rank its own.
             torch.manual_seed(self.seed + 1_000_003 * rank)
@@ -147,14 +160,34 @@ class PolicyGradientModule(LightningModule):
         estimate = result.estimate
         # When no step has a known weight (no episode ended, no value to bootstrap) there is nothing to learn.
         if bool(estimate.mask.any()):
-            policy_optimizer = optimizers[0]
-            policy_optimizer.zero_grad()
-            self.manual_backward(result.loss)
-            policy_optimizer.step()
+            self._guarded_step(optimizers[0], result.loss, self.policy)
         if self.value_fn is not None:
             metrics.update(self._fit_value(batch, estimate.value_targets, optimizers[1], values))
         entropy = masked_mean(result.dist.entropy(), batch.valid)
         self._log_iteration(batch, estimate.mask, result.loss, entropy, metrics)
+
+    def _guarded_step(self, optimizer, loss: torch.Tensor, model: nn.Module) -> bool:
+        """One optimizer step on ``loss``, skipped if the loss or any gradient is not finite."""
+        optimizer.zero_grad()
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            self.manual_backward(loss)
+            finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        if finite:
+            optimizer.step()
+            if model is self.policy:  # the streak counts policy updates; a fine value step does not end it
+                self._skipped_in_a_row = 0
+            return True
+        optimizer.zero_grad()
+        self.skipped_updates += 1
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= self.max_skipped_updates:
+            raise NonFiniteUpdatesError(
+                f"{self._skipped_in_a_row} updates in a row had a non-finite loss or gradient "
+                f"(iteration {self.iterations + 1}, env step {self.env_steps}); stopping. Lower the learning rate, "
+                "check the env's rewards and observations for NaN/inf, or set estimator.normalize=true"
+            )
+        return False
 
     def _fit_value(self, batch: RolloutBatch, targets: torch.Tensor, optimizer, values: torch.Tensor) -> dict:
         """``value.steps`` full-batch regression steps of V_φ on the bootstrapped reward-to-go."""
@@ -162,9 +195,8 @@ class PolicyGradientModule(LightningModule):
         obs = batch.obs[:-1]
         for _ in range(self.estimator.value.steps):
             loss = value_loss(self.value_fn, obs, targets, batch.valid)
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
+            if not self._guarded_step(optimizer, loss, self.value_fn):
+                break
         residual = (targets - values[:-1])[batch.valid]
         explained = 1.0 - residual.var() / targets[batch.valid].var().clamp(min=1e-8)
         return {"loss/value": loss.detach(), "diag/explained_variance": explained}
@@ -199,6 +231,7 @@ class PolicyGradientModule(LightningModule):
             "loss/policy": loss.detach(),
             "diag/entropy": entropy.detach(),
             "perf/steps_per_s": steps_per_s,
+            "diag/skipped_updates": float(self.skipped_updates),
             **extra,
         }
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
@@ -211,9 +244,16 @@ class PolicyGradientModule(LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["pg_lightning"] = {"env_steps": self.env_steps, "iterations": self.iterations}
+        checkpoint["pg_lightning"] = {
+            "env_steps": self.env_steps,
+            "iterations": self.iterations,
+            "skipped_updates": self.skipped_updates,
+            "train_return_mean": self.train_return_mean,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         counters = checkpoint.get("pg_lightning", {})
         self.env_steps = counters.get("env_steps", 0)
         self.iterations = counters.get("iterations", 0)
+        self.skipped_updates = counters.get("skipped_updates", 0)
+        self.train_return_mean = counters.get("train_return_mean", math.nan)

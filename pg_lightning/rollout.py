@@ -24,6 +24,10 @@ from pg_lightning.batch import RolloutBatch
 from pg_lightning.envs import VectorEnvFactory, check_action_space, to_env_action
 
 
+class EnvStepError(RuntimeError):
+    """The environment raised while stepping; the message names the env and the env step."""
+
+
 @dataclass
 class EpisodeStats:
     """Undiscounted returns and lengths of the episodes that ended since the last ``pop``."""
@@ -51,13 +55,20 @@ class RolloutCollector:
         steps_per_env: T, the batch's time length.
         gamma: the discount used for ``RolloutBatch.return_before``.
         seed: seed of the first reset; ``None`` leaves the envs unseeded.
+        name: how errors name the env (default: the vector env's spec id).
+
+    An exception raised by the env is re-raised as ``EnvStepError`` naming the env and the env step.
     """
 
-    def __init__(self, envs: VectorEnv, steps_per_env: int, gamma: float = 0.99, seed: int | None = None):
+    def __init__(
+        self, envs: VectorEnv, steps_per_env: int, gamma: float = 0.99, seed: int | None = None, name: str | None = None
+    ):
         if steps_per_env < 1:
             raise ValueError(f"steps_per_env must be a positive integer, got {steps_per_env}")
         check_action_space(envs.single_action_space)
         self.envs = envs
+        spec = getattr(envs, "spec", None)
+        self.name = name or (spec.id if spec is not None else type(envs).__name__)
         self.steps_per_env = steps_per_env
         self.gamma = gamma
         self.seed = seed
@@ -99,7 +110,13 @@ class RolloutCollector:
                 act = torch.empty((num_steps, *action.shape), dtype=action.dtype, device=device)
             act[t] = action
             env_action = to_env_action(action.cpu().numpy(), self.envs.single_action_space)
-            self._obs, reward, term, trunc, _ = self.envs.step(env_action)
+            try:
+                self._obs, reward, term, trunc, _ = self.envs.step(env_action)
+            except Exception as error:
+                raise EnvStepError(
+                    f"environment {self.name} raised at env step {self.env_steps} "
+                    f"(step {t} of this batch): {type(error).__name__}: {error}"
+                ) from error
             valid[t] = ~self._reset_next
             rew[t] = np.where(valid[t], reward, 0.0)
             terminated[t] = term & valid[t]

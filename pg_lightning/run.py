@@ -15,15 +15,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pg_lightning.callbacks import Evaluation, RunSummary
+from pg_lightning.callbacks import CrashSafeCheckpoint, Evaluation, RunSummary
 from pg_lightning.module import PolicyGradientModule
+from pg_lightning.validation import ConfigError, validate_config
 
 # W&B plots every namespace against env steps, not Lightning's global step.
 WANDB_NAMESPACES = ("rollout", "eval", "loss", "diag", "perf")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; its message names the key and the value."""
 
 
 @dataclass
@@ -33,6 +30,7 @@ class Run:
     module: PolicyGradientModule
     trainer: L.Trainer
     summary: RunSummary
+    ckpt_path: str | None = None
 
 
 def build(cfg: DictConfig, run_dir: str | Path) -> Run:
@@ -42,6 +40,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
         ConfigError: with one line naming the bad key and value.
     """
     run_dir = Path(run_dir)
+    validate_config(cfg)
     try:
         L.seed_everything(cfg.seed, verbose=False)
         module = PolicyGradientModule(
@@ -53,30 +52,35 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
             total_env_steps=cfg.total_env_steps,
             seed=cfg.seed,
             grad_variance_groups=cfg.diagnostics.groups if cfg.diagnostics.grad_variance else None,
+            max_skipped_updates=cfg.max_skipped_updates,
         )
         loggers = make_loggers(cfg.logger, run_dir)
         evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000)
+        checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
     except Exception as error:  # noqa: BLE001 - turned into one line for the user, see _root_message
         message = _root_message(error)
         if message is None:
             raise
         raise ConfigError(message) from error
     metrics_csv = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
-    summary = RunSummary(run_dir / "summary.json", evaluation, metrics_csv=metrics_csv)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[evaluation, summary], default_root_dir=str(run_dir))
+    summary = RunSummary(run_dir / "summary.json", evaluation, metrics_csv=metrics_csv, checkpoint=checkpoint.path)
+    # Order matters at the end of a run: final evaluation, then the checkpoint, then the summary.
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=[evaluation, checkpoint, summary], default_root_dir=str(run_dir)
+    )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if isinstance(logger, WandbLogger):
             for namespace in WANDB_NAMESPACES:
                 logger.experiment.define_metric(f"{namespace}/*", step_metric="rollout/env_steps")
-    return Run(module=module, trainer=trainer, summary=summary)
+    return Run(module=module, trainer=trainer, summary=summary, ckpt_path=cfg.get("ckpt_path"))
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build the run from ``cfg``, fit it, and return the summary that was written to ``run_dir``."""
     run = build(cfg, run_dir)
     try:
-        run.trainer.fit(run.module)
+        run.trainer.fit(run.module, ckpt_path=run.ckpt_path)
     finally:
         if any(isinstance(logger, WandbLogger) for logger in run.trainer.loggers):
             import wandb

@@ -53,3 +53,35 @@ def tmp_run_dir(tmp_path, monkeypatch):
     """A temporary working directory for runs (W&B offline files land in it)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+class FaultyEnv(CountingEnv):
+    """A ``CountingEnv`` (episodes of 20 steps) that misbehaves after ``fault_after`` steps of its life.
+
+    ``fault="raise"`` raises RuntimeError; ``fault="nan"`` returns a NaN reward for ``nan_steps`` steps.
+    """
+
+    def __init__(self, fault: str = "raise", fault_after: int = 150, nan_steps: int = 1):
+        super().__init__(length=20)
+        self.fault, self.fault_after, self.nan_steps = fault, fault_after, nan_steps
+        self.lifetime = 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.lifetime += 1
+        if self.lifetime > self.fault_after:
+            if self.fault == "raise":
+                raise RuntimeError("simulator exploded")
+            if self.lifetime <= self.fault_after + self.nan_steps:
+                reward = float("nan")
+        return obs, reward, terminated, truncated, info
+
+
+class MultiDiscreteEnv(CountingEnv):
+    def __init__(self):
+        super().__init__()
+        self.action_space = gym.spaces.MultiDiscrete([2, 2])
+
+
+gym.register("PgTest/Faulty-v0", entry_point=FaultyEnv)
+gym.register("PgTest/MultiDiscrete-v0", entry_point=MultiDiscreteEnv)

@@ -1,0 +1,86 @@
+"""Check a composed config before anything is built: one clear line per problem, naming key and value.
+
+The constructors validate their own arguments too (for plain-Python use); this pass runs first so that a
+bad value is refused before any env is created or any time is spent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; its message names the key and the value."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def unit_interval(value: Any) -> bool:
+    return _is_number(value) and 0.0 <= value <= 1.0
+
+# key -> (check, what a valid value is). Keys that a config does not have are skipped.
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (_is_int, "an integer"),
+    "total_env_steps": (positive_int, "a positive integer"),
+    "steps_per_env": (positive_int, "a positive integer"),
+    "max_skipped_updates": (positive_int, "a positive integer"),
+    "env.num_envs": (positive_int, "a positive integer"),
+    "estimator.gamma": (unit_interval, "in [0, 1]"),
+    "estimator.gae_lambda": (unit_interval, "in [0, 1]"),
+    "estimator.value.lr": (positive_number, "a positive number"),
+    "estimator.value.steps": (positive_int, "a positive integer"),
+    "optimizer.lr": (positive_number, "a positive number"),
+    "optimizer.max_kl": (positive_number, "a positive number"),
+    "off_policy.clip_ratio": (positive_number, "a positive number"),
+    "eval.every_n_iterations": (positive_int, "a positive integer"),
+    "eval.num_episodes": (positive_int, "a positive integer"),
+    "checkpoint.every_n_iterations": (positive_int, "a positive integer"),
+    "diagnostics.groups": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
+}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` for the first value that cannot work (see ``CHECKS`` and the rules below)."""
+    for key, (check, expected) in CHECKS.items():
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is _MISSING:  # the config has no such key (or its parent is null)
+            continue
+        if not check(value):
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    for key in ("policy.hidden_sizes", "estimator.value.hidden_sizes"):
+        sizes = OmegaConf.select(cfg, key, default=None)
+        if sizes is not None and not all(positive_int(size) for size in sizes):
+            raise ConfigError(f"{key} must be a list of positive integers, got {list(sizes)}")
+    batch = cfg.steps_per_env * cfg.env.num_envs
+    if cfg.total_env_steps < batch:
+        raise ConfigError(
+            f"total_env_steps={cfg.total_env_steps} is smaller than one batch "
+            f"(steps_per_env={cfg.steps_per_env} x env.num_envs={cfg.env.num_envs} = {batch})"
+        )
+    ckpt_path = OmegaConf.select(cfg, "ckpt_path", default=None)
+    if ckpt_path is not None:
+        if not os.path.isfile(str(ckpt_path)):
+            raise ConfigError(f"ckpt_path {str(ckpt_path)!r} is not a file")
+

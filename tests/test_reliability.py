@@ -1,0 +1,147 @@
+"""Reliability: bad input refused early, NaN guards, env failures, determinism, crash-safe checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_configs import compose_with
+from test_train import REPO
+
+from pg_lightning.module import NonFiniteUpdatesError
+from pg_lightning.rollout import EnvStepError
+from pg_lightning.run import ConfigError, train
+
+TINY = ["logger=csv", "env.num_envs=2", "steps_per_env=50", "eval.num_episodes=2", "eval.every_n_iterations=1"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["estimator.gamma=1.5"], "estimator.gamma must be in [0, 1], got 1.5"),
+        (["optimizer.lr=-0.1"], "optimizer.lr must be a positive number, got -0.1"),
+        (["optimizer.lr=0"], "optimizer.lr must be a positive number, got 0"),
+        (["env.num_envs=0"], "env.num_envs must be a positive integer, got 0"),
+        (["steps_per_env=0"], "steps_per_env must be a positive integer, got 0"),
+        (["total_env_steps=100"], "total_env_steps=100 is smaller than one batch (steps_per_env=1024 x env.num_envs=16 = 16384)"),
+        (["policy.hidden_sizes=[64,0]"], "policy.hidden_sizes must be a list of positive integers, got [64, 0]"),
+        (["eval.num_episodes=0"], "eval.num_episodes must be a positive integer, got 0"),
+        (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["estimator=value_baseline", "estimator.value.lr=-1"], "estimator.value.lr must be a positive number, got -1"),
+        (["estimator=value_baseline", "estimator.value=null"], "estimator.value is required for estimator.baseline=value"),
+        (["estimator.gae_lambda=0.9"], "estimator.gae_lambda=0.9 needs estimator.baseline=value"),
+        (["env.id=CartPole-v9"], "env.id 'CartPole-v9' is not a registered gymnasium environment (did you mean CartPole-v1"),
+        (["env.id=PgTest/MultiDiscrete-v0"], "action space MultiDiscrete([2 2]) is not supported"),
+        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path '/nonexistent/last.ckpt' is not a file"),
+    ],
+)
+def test_bad_config_values_are_refused_with_key_and_value(overrides, message, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        train(compose_with(*overrides, "logger=none"), tmp_path)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value), "one line"
+    assert not (tmp_path / "summary.json").exists(), "refused before the run started"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_an_env_that_raises_stops_the_run_with_its_id_and_step_and_keeps_the_work(tmp_path):
+    cfg = compose_with(*TINY, "env.id=PgTest/Faulty-v0", "total_env_steps=5000", "checkpoint.every_n_iterations=1")
+    # Each of the 2 envs raises on its 151st step (reset steps are no step calls): step 7 of the 4th batch.
+    with pytest.raises(EnvStepError, match=r"environment PgTest/Faulty-v0 raised at env step 300 \(step 7 of this batch\).*simulator exploded"):
+        train(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "PgTest/Faulty-v0" in summary["error"]
+    assert "simulator exploded" in summary["traceback"]
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    # The 3 finished batches are kept: 300 steps less the reset steps between 20-step episodes.
+    assert checkpoint["pg_lightning"]["env_steps"] == summary["env_steps"] == 286
+    assert checkpoint["pg_lightning"]["iterations"] == summary["iterations"] == 3
+
+
+def test_a_nan_reward_skips_one_update_and_training_goes_on(tmp_path):
+    cfg = compose_with(*TINY, "env.id=PgTest/Faulty-v0", "+env.kwargs.fault=nan", "total_env_steps=500")
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "finished" and summary["env_steps"] >= 500
+    skipped = [float(r["diag/skipped_updates"]) for r in read_metrics(tmp_path / "metrics.csv") if r.get("diag/skipped_updates")]
+    assert skipped[0] == 0 and skipped[-1] == 1, skipped
+
+
+def test_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path):
+    cfg = compose_with(
+        *TINY, "env.id=PgTest/Faulty-v0", "+env.kwargs.fault=nan", "+env.kwargs.nan_steps=100000",
+        "total_env_steps=5000", "max_skipped_updates=3",
+    )
+    with pytest.raises(NonFiniteUpdatesError, match="3 updates in a row had a non-finite loss or gradient"):
+        train(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["checkpoint"] == str(tmp_path / "last.ckpt")
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values()), "no NaN reached the weights"
+
+
+def deterministic_columns(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def test_same_seed_same_metrics_and_different_seed_different_metrics(tmp_path):
+    def run(seed: int, name: str) -> list[dict]:
+        cfg = compose_with("logger=csv", "steps_per_env=128", "total_env_steps=8000", f"seed={seed}", "estimator=gae")
+        train(cfg, tmp_path / name)
+        return deterministic_columns(read_metrics(tmp_path / name / "metrics.csv"))
+
+    first, again, other = run(3, "a"), run(3, "b"), run(4, "c")
+    assert len(first) >= 4 and first == again
+    assert [r["rollout/return_mean"] for r in first] != [r["rollout/return_mean"] for r in other]
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_loadable_checkpoint_and_the_resumed_run_reaches_the_budget(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    common = ["logger=csv", "stop_on_solve=false", "steps_per_env=256", "checkpoint.every_n_iterations=1000"]
+    first_dir = tmp_path / "first"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *common, "total_env_steps=100000000", f"hydra.run.dir={first_dir}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = first_dir / "metrics.csv"
+    wait_for(lambda: metrics.exists() and len(read_metrics(metrics)) >= 3, timeout=120)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    summary = json.loads((first_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted", stderr[-2000:]
+    checkpoint = torch.load(first_dir / "last.ckpt", weights_only=False)
+    assert checkpoint["pg_lightning"]["env_steps"] == summary["env_steps"] > 0
+    assert not list(first_dir.glob(".*.tmp")), "no temp file left behind"
+
+    budget = summary["env_steps"] + 3 * 256 * 16
+    second_dir = tmp_path / "second"
+    resumed = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *common, f"total_env_steps={budget}",
+         f"ckpt_path={first_dir / 'last.ckpt'}", f"hydra.run.dir={second_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = json.loads((second_dir / "summary.json").read_text())
+    assert final["status"] == "finished" and final["env_steps"] >= budget
+    # Counters continue from the checkpoint: 3 batches of 256 x 16 steps, or 4 as reset steps are no env steps.
+    assert final["iterations"] - summary["iterations"] in (3, 4)
