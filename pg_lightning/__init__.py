@@ -7,6 +7,7 @@ from pg_lightning.estimators import Estimator, ValueFunctionConfig
 from pg_lightning.evaluation import evaluate
 from pg_lightning.gradient import estimate_gradient, policy_loss
 from pg_lightning.module import PolicyGradientModule
+from pg_lightning.natural_gradient import NaturalGradient
 from pg_lightning.policies import CategoricalMLP, GaussianMLP, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset, collect
 from pg_lightning.value import ValueFunction
@@ -16,6 +17,7 @@ __all__ = [
     "Estimator",
     "Evaluation",
     "GaussianMLP",
+    "NaturalGradient",
     "PolicyGradientModule",
     "RolloutBatch",
     "RolloutCollector",

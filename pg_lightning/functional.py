@@ -6,6 +6,8 @@ parameters, so each can be checked against a plain Python loop (``tests/test_fun
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -198,3 +200,28 @@ def optimal_baseline(scores: torch.Tensor, returns: torch.Tensor) -> torch.Tenso
     others_g2 = g2.sum(0, keepdim=True) - g2
     others_g2r = g2r.sum(0, keepdim=True) - g2r
     return torch.where(others_g2 > 0, others_g2r / others_g2.clamp(min=torch.finfo(g2.dtype).tiny), torch.zeros_like(g2))
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, residual_tol: float = 1e-12
+) -> torch.Tensor:
+    """Solve A x = b for symmetric positive-definite A, given only ``matvec(v) = A v`` (Hestenes–Stiefel).
+
+    Exact after ``len(b)`` iterations in exact arithmetic; fewer give the usual truncated-CG approximation
+    (TRPO, Schulman et al. 2015, Appendix C). Stops early once ‖r‖² < ``residual_tol``.
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    r_dot = r @ r
+    for _ in range(iters):
+        if r_dot < residual_tol:
+            break
+        Ap = matvec(p)
+        alpha = r_dot / (p @ Ap)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        new_r_dot = r @ r
+        p = r + (new_r_dot / r_dot) * p
+        r_dot = new_r_dot
+    return x

@@ -104,6 +104,8 @@ class PolicyGradientModule(LightningModule):
         self.skipped_updates = 0
         self._skipped_in_a_row = 0
         self.collector: RolloutCollector | None = None
+        self.last_batch: RolloutBatch | None = None
+        self.last_policy_loss = None
         # Run counters over all ranks (the budget and summary.json use these).
         self.env_steps = 0
         self.iterations = 0
@@ -158,6 +160,8 @@ class PolicyGradientModule(LightningModule):
             metrics.update({f"diag/{k}": v for k, v in gradient_statistics(estimates).items()})
         result = policy_loss(self.policy, batch, self.estimator, values)
         estimate = result.estimate
+        # Kept for optimizer callbacks (NaturalGradient needs the batch's states and weights).
+        self.last_batch, self.last_policy_loss = batch, result
         # When no step has a known weight (no episode ended, no value to bootstrap) there is nothing to learn.
         if bool(estimate.mask.any()):
             self._guarded_step(optimizers[0], result.loss, self.policy)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pg_lightning.callbacks import CrashSafeCheckpoint, Evaluation, RunSummary
 from pg_lightning.module import PolicyGradientModule
+from pg_lightning.natural_gradient import NaturalGradient, check_trainer
 from pg_lightning.validation import ConfigError, validate_config
 
 # W&B plots every namespace against env steps, not Lightning's global step.
@@ -54,6 +55,9 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
             grad_variance_groups=cfg.diagnostics.groups if cfg.diagnostics.grad_variance else None,
             max_skipped_updates=cfg.max_skipped_updates,
         )
+        optimizer_callbacks = [module.optimizer_factory] if isinstance(module.optimizer_factory, NaturalGradient) else []
+        if optimizer_callbacks and cfg.trainer.get("gradient_clip_val"):
+            check_trainer(cfg.trainer)
         loggers = make_loggers(cfg.logger, run_dir)
         evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000)
         checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
@@ -66,7 +70,10 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
     summary = RunSummary(run_dir / "summary.json", evaluation, metrics_csv=metrics_csv, checkpoint=checkpoint.path)
     # Order matters at the end of a run: final evaluation, then the checkpoint, then the summary.
     trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=[evaluation, checkpoint, summary], default_root_dir=str(run_dir)
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=[*optimizer_callbacks, evaluation, checkpoint, summary],
+        default_root_dir=str(run_dir),
     )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

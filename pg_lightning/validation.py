@@ -53,6 +53,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "estimator.value.steps": (positive_int, "a positive integer"),
     "optimizer.lr": (positive_number, "a positive number"),
     "optimizer.max_kl": (positive_number, "a positive number"),
+    "optimizer.damping": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "optimizer.cg_iters": (positive_int, "a positive integer"),
     "off_policy.clip_ratio": (positive_number, "a positive number"),
     "eval.every_n_iterations": (positive_int, "a positive integer"),
     "eval.num_episodes": (positive_int, "a positive integer"),

@@ -1,0 +1,211 @@
+"""The natural policy gradient (lecture §8): F⁻¹ ∇J, scaled to a KL trust region.
+
+``NaturalGradient`` is both the optimizer factory and the Lightning callback that turns the policy's
+vanilla gradient into the natural-gradient step:
+
+    g  = ∇_θ J~                               the estimator's gradient (ascent direction)
+    x  ≈ (F + damping·I)⁻¹ g                  by ``cg_iters`` of conjugate gradient
+    Δθ = sqrt(2 δ / xᵀ F x) · x               so that ½ Δθᵀ F Δθ = δ = ``max_kl``
+
+F is the Fisher information matrix of the batch's policy, used only through Fisher-vector products
+F v = ∇_θ (∇_θ KL̄(θ_old, θ) · v) at θ = θ_old, where KL̄ is the mean over the batch's states of
+KL(π_θold(·|s) ‖ π_θ(·|s)): its Hessian at θ_old is E_s E_a[∇ log π ∇ log πᵀ], the Fisher, exactly, and
+double backprop never forms the P x P matrix (TRPO, Schulman et al. 2015, Appendix C).
+
+With ``line_search=True`` (TRPO) the step is halved until the measured KL is ≤ δ and the importance-
+sampled surrogate (1/N) Σ ρ_t Ψ_t improved. The step is applied by plain SGD with lr 1 (the factory this
+object is), so every other optimizer (a value baseline's) keeps its own first-order rule.
+
+Distributed: ``torch.autograd.grad`` does not trigger DDP's all-reduce, so the gradient, every Fisher-
+vector product and every line-search quantity is averaged across ranks here (ARCHITECTURE trap 6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+from pg_lightning.functional import conjugate_gradient, masked_mean
+
+
+class NaturalGradient(Callback):
+    """Natural-gradient steps with a KL radius for ``PolicyGradientModule``; see the module doc.
+
+    Pass the same object as the module's ``optimizer=`` and in the trainer's ``callbacks``.
+
+    Args:
+        max_kl: δ, the KL radius of a step (mean KL between the batch's old and new policies).
+        damping: Tikhonov damping added to F (F + damping·I), keeps CG well-posed.
+        cg_iters: conjugate-gradient iterations.
+        line_search: backtrack the step until KL ≤ δ and the surrogate improves (TRPO).
+        backtrack_ratio: factor by which each backtracking step shrinks the step.
+        max_backtracks: give up (take no step) after this many.
+    """
+
+    def __init__(
+        self,
+        max_kl: float = 0.01,
+        damping: float = 0.1,
+        cg_iters: int = 10,
+        line_search: bool = False,
+        backtrack_ratio: float = 0.5,
+        max_backtracks: int = 10,
+    ):
+        if not max_kl > 0:
+            raise ValueError(f"optimizer.max_kl must be positive, got {max_kl}")
+        if not damping >= 0:
+            raise ValueError(f"optimizer.damping must be non-negative, got {damping}")
+        if cg_iters < 1:
+            raise ValueError(f"optimizer.cg_iters must be a positive integer, got {cg_iters}")
+        if not 0 < backtrack_ratio < 1:
+            raise ValueError(f"optimizer.backtrack_ratio must be in (0, 1), got {backtrack_ratio}")
+        if max_backtracks < 1:
+            raise ValueError(f"optimizer.max_backtracks must be a positive integer, got {max_backtracks}")
+        self.max_kl = max_kl
+        self.damping = damping
+        self.cg_iters = cg_iters
+        self.line_search = line_search
+        self.backtrack_ratio = backtrack_ratio
+        self.max_backtracks = max_backtracks
+        self.last_stats: dict[str, float] = {}
+
+    def __call__(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer that applies the step this callback writes into ``.grad``: SGD, lr 1."""
+        return torch.optim.SGD(params, lr=1.0)
+
+    # --- Lightning hooks -------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        check_trainer(trainer)
+        if getattr(pl_module, "optimizer_factory", None) is not self:
+            raise ValueError(
+                "NaturalGradient must also be the module's optimizer: PolicyGradientModule(..., optimizer=ng) "
+                "with the same object in Trainer(callbacks=[ng])"
+            )
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        policy = pl_module.policy
+        if not any(p is q for group in optimizer.param_groups for p in group["params"] for q in policy.parameters()):
+            return  # another optimizer (the value function's): first-order, untouched
+        batch, loss = pl_module.last_batch, pl_module.last_policy_loss
+        params = [p for p in policy.parameters() if p.requires_grad]
+        reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731 - one line, used often
+        gradient = reduce(-_flat([p.grad for p in params]))  # ascent direction of J
+        step, stats = self.step(policy, batch.obs[:-1], batch.valid, gradient, reduce, surrogate=_surrogate(batch, loss))
+        for p, delta in zip(params, _unflatten(step, params)):
+            p.grad = -delta  # SGD with lr 1: θ ← θ - grad = θ + Δθ
+        self.last_stats = stats
+        pl_module.log_dict({f"npg/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False, batch_size=1)
+
+    # --- the step, usable without Lightning --------------------------------------------------------
+
+    def step(self, policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, gradient: torch.Tensor,
+             reduce=lambda t: t, surrogate=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The natural-gradient step Δθ ``[P]`` for ascent direction ``gradient`` on the states ``obs``.
+
+        ``reduce`` averages a tensor across processes (identity in one process). ``surrogate(policy)``,
+        if given, returns the importance-sampled objective for the line search's improvement test.
+        """
+        params = [p for p in policy.parameters() if p.requires_grad]
+        fvp = fisher_vector_product(policy, obs, mask, self.damping, reduce)
+        direction = conjugate_gradient(fvp, gradient, self.cg_iters)
+        curvature = direction @ fvp(direction)  # xᵀ(F + damping I)x
+        scale = math.sqrt(2 * self.max_kl / max(float(curvature), 1e-12))
+        full_step = scale * direction
+        stats = {"step_size": scale, "grad_norm": float(gradient.norm()), "backtracks": 0.0}
+        if not self.line_search:
+            stats["kl"] = float(reduce(measured_kl(policy, obs, mask, params, full_step)))
+            return full_step, stats
+        old_value = float(reduce(surrogate(policy))) if surrogate is not None else 0.0
+        for backtrack in range(self.max_backtracks):
+            candidate = full_step * self.backtrack_ratio**backtrack
+            kl, new_value = _try_step(policy, obs, mask, params, candidate, surrogate, reduce)
+            if kl <= self.max_kl and (surrogate is None or new_value > old_value):
+                stats.update(kl=kl, backtracks=float(backtrack), improvement=new_value - old_value)
+                return candidate, stats
+        stats.update(kl=0.0, backtracks=float(self.max_backtracks), improvement=0.0)
+        return torch.zeros_like(full_step), stats
+
+
+def check_trainer(trainer: Trainer) -> None:
+    """Refuse trainer settings that would silently undo the natural-gradient step."""
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip:
+        raise ValueError(
+            f"trainer.gradient_clip_val={clip} cannot be combined with optimizer=natural_gradient: clipping would "
+            "rescale the natural-gradient step after it was sized to the KL radius; bound the step with "
+            "optimizer.max_kl instead and leave gradient_clip_val unset"
+        )
+
+
+def fisher_vector_product(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, damping: float, reduce=lambda t: t):
+    """``v ↦ (F + damping·I) v`` with F the Hessian at θ_old of the mean KL(π_θold ‖ π_θ) over ``obs[mask]``.
+
+    The KL's gradient (with its graph) is built once; each product is one more backward pass.
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]
+    with torch.no_grad():
+        old = policy(obs)
+    kl = masked_mean(torch.distributions.kl_divergence(old, policy(obs)), mask)
+    kl_grad = _flat(torch.autograd.grad(kl, params, create_graph=True))
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        hv = _flat(torch.autograd.grad(kl_grad @ v, params, retain_graph=True))
+        return reduce(hv) + damping * v
+
+    return product
+
+
+def measured_kl(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, params: list, step: torch.Tensor) -> torch.Tensor:
+    """Mean KL(π_θ ‖ π_θ+step) over ``obs[mask]``; the parameters are restored afterwards."""
+    with torch.no_grad():
+        old = policy(obs)
+        _add(params, step)
+        try:
+            return masked_mean(torch.distributions.kl_divergence(old, policy(obs)), mask)
+        finally:
+            _add(params, -step)
+
+
+def _try_step(policy, obs, mask, params, step, surrogate, reduce) -> tuple[float, float]:
+    with torch.no_grad():
+        old = policy(obs)
+        _add(params, step)
+        try:
+            kl = float(reduce(masked_mean(torch.distributions.kl_divergence(old, policy(obs)), mask)))
+            value = float(reduce(surrogate(policy))) if surrogate is not None else 0.0
+        finally:
+            _add(params, -step)
+    return kl, value
+
+
+def _surrogate(batch, loss):
+    """(1/N) Σ_t ρ_t Ψ_t with ρ_t = π_θ(a_t|s_t) / π_θold(a_t|s_t): the objective the line search must improve."""
+    estimate, logp_old = loss.estimate, loss.logp.detach()
+
+    def value(policy: nn.Module) -> torch.Tensor:
+        ratio = torch.exp(policy(batch.obs[:-1]).log_prob(batch.act) - logp_old)
+        return (ratio * estimate.weights * estimate.mask).sum() / estimate.num_segments.clamp(min=1)
+
+    return value
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for p in like:
+        out.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out
+
+
+def _add(params: list[torch.Tensor], step: torch.Tensor) -> None:
+    for p, delta in zip(params, _unflatten(step, params)):
+        p.add_(delta)
