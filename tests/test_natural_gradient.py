@@ -117,3 +117,26 @@ def test_training_with_natural_gradient_keeps_the_value_optimizer(tmp_path):
         rows = [r for r in csv.DictReader(f) if r.get("npg/kl")]
     assert rows and all(0 < float(r["npg/kl"]) <= 0.015 for r in rows)
     assert all(float(r["loss/value"]) > 0 for r in rows)
+
+
+def test_conditioning_example_formulas_and_figure(tmp_path, capsys):
+    from pg_lightning import conditioning as C
+
+    k, sigma = torch.tensor(0.7, dtype=torch.float64, requires_grad=True), torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(C.objective(k, sigma), (k, sigma))
+    torch.testing.assert_close(torch.stack(grads), torch.stack(C.vanilla_gradient(k.detach(), sigma.detach())))
+    # The analytic Fisher is E[score scoreᵀ] of N(k s, σ²), s ~ N(0, v): check against samples.
+    generator = torch.Generator().manual_seed(0)
+    s = (C.STATE_VAR**0.5) * torch.randn(200_000, generator=generator, dtype=torch.float64)
+    a = 0.7 * s + 0.2 * torch.randn(200_000, generator=generator, dtype=torch.float64)
+    score = torch.stack([(a - 0.7 * s) * s / 0.2**2, ((a - 0.7 * s) ** 2 - 0.2**2) / 0.2**3], dim=1)
+    sampled = score.T @ score / len(s)
+    exact = torch.diag(torch.stack(C.fisher_diagonal(torch.tensor(0.2, dtype=torch.float64))))
+    assert torch.linalg.norm(sampled - exact) / torch.linalg.norm(exact) < 0.02
+    natural = torch.stack(C.natural_gradient(k.detach(), sigma.detach()))
+    torch.testing.assert_close(natural, torch.linalg.solve(exact, torch.stack(grads)))
+
+    C.main(["--out", str(tmp_path / "c.png"), "--iterations", "60", "--seeds", "3"])
+    assert (tmp_path / "c.png").stat().st_size > 20_000
+    vanilla, natural_final = (float(x) for x in capsys.readouterr().out.split("vanilla ")[1].split(", natural "))
+    assert natural_final > vanilla, "from a small σ the natural gradient ends closer to the optimum"
