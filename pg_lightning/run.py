@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,20 +44,8 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     validate_config(cfg)
     try:
-        L.seed_everything(cfg.seed, verbose=False)
-        module = PolicyGradientModule(
-            env=instantiate(cfg.env),
-            policy=instantiate(cfg.policy),
-            estimator=instantiate(cfg.estimator),
-            optimizer=instantiate(cfg.optimizer),
-            steps_per_env=cfg.steps_per_env,
-            total_env_steps=cfg.total_env_steps,
-            seed=cfg.seed,
-            grad_variance_groups=cfg.diagnostics.groups if cfg.diagnostics.grad_variance else None,
-            max_skipped_updates=cfg.max_skipped_updates,
-        )
-        optimizer_callbacks = [module.optimizer_factory] if isinstance(module.optimizer_factory, NaturalGradient) else []
-        if optimizer_callbacks and cfg.trainer.get("gradient_clip_val"):
+        module = make_module(cfg)
+        if optimizer_callbacks(module) and cfg.trainer.get("gradient_clip_val"):
             check_trainer(cfg.trainer)
         loggers = make_loggers(cfg.logger, run_dir)
         evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000)
@@ -72,7 +61,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
     trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,
-        callbacks=[*optimizer_callbacks, evaluation, checkpoint, summary],
+        callbacks=[*optimizer_callbacks(module), evaluation, checkpoint, summary],
         default_root_dir=str(run_dir),
     )
     for logger in loggers:
@@ -81,6 +70,27 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
             for namespace in WANDB_NAMESPACES:
                 logger.experiment.define_metric(f"{namespace}/*", step_metric="rollout/env_steps")
     return Run(module=module, trainer=trainer, summary=summary, ckpt_path=cfg.get("ckpt_path"))
+
+
+def make_module(cfg: DictConfig) -> PolicyGradientModule:
+    """Seed everything with ``cfg.seed`` and build the module from the config's groups."""
+    L.seed_everything(cfg.seed, verbose=False)
+    return PolicyGradientModule(
+        env=instantiate(cfg.env),
+        policy=instantiate(cfg.policy),
+        estimator=instantiate(cfg.estimator),
+        optimizer=instantiate(cfg.optimizer),
+        steps_per_env=cfg.steps_per_env,
+        total_env_steps=cfg.total_env_steps,
+        seed=cfg.seed,
+        grad_variance_groups=cfg.diagnostics.groups if cfg.diagnostics.grad_variance else None,
+        max_skipped_updates=cfg.max_skipped_updates,
+    )
+
+
+def optimizer_callbacks(module: PolicyGradientModule) -> list[Callback]:
+    """The callbacks the module's optimizer needs in the trainer (the natural gradient is one)."""
+    return [module.optimizer_factory] if isinstance(module.optimizer_factory, NaturalGradient) else []
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from pg_lightning.diagnostics import cosine_similarity, flat_gradient, gradient_
 from pg_lightning.estimators import Estimator, baseline
 from pg_lightning.module import PolicyGradientModule
 from pg_lightning.rollout import collect
+from pg_lightning.run import make_module, optimizer_callbacks
 from pg_lightning.value import ValueFunction, value_loss
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -84,19 +85,13 @@ def fit_value_function(
 
 def compare(cfg: DictConfig, out_dir: Path) -> list[dict]:
     """Train, take snapshots, and measure every estimator at each; returns the table's rows."""
-    L.seed_everything(cfg.seed, verbose=False)
     settings = cfg.variance
-    module = PolicyGradientModule(
-        env=instantiate(cfg.env),
-        policy=instantiate(cfg.policy),
-        estimator=instantiate(cfg.estimator),
-        optimizer=instantiate(cfg.optimizer),
-        steps_per_env=cfg.steps_per_env,
-        seed=cfg.seed,
-    )
+    module = make_module(cfg)
+    module.total_env_steps = None  # the snapshots decide how long it trains
     snapshots = PolicySnapshots(list(settings.snapshots))
     trainer = L.Trainer(
-        max_epochs=max(snapshots.iterations), accelerator="cpu", logger=False, callbacks=[snapshots],
+        max_epochs=max(snapshots.iterations), accelerator="cpu", logger=False,
+        callbacks=[*optimizer_callbacks(module), snapshots],
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
     )
     if max(snapshots.iterations) > 0:

@@ -9,7 +9,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from pg_lightning import Estimator, RolloutCollector
-from pg_lightning import functional as F
 from pg_lightning.estimators import ValueFunctionConfig, baseline, gae, optimal_baseline, reinforce, reinforce_baseline, reward_to_go, value_baseline
 from pg_lightning.policies import mlp_policy
 
