@@ -109,3 +109,14 @@ def test_readme_plugin_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["module"].env_steps >= 20_000
+
+
+def test_readme_api_example_runs():
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", readme, re.S)
+    assert match, "README has the analysis API example"
+    namespace: dict = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    grad, policy = namespace["grad"], namespace["policy"]
+    assert [g.shape for g in grad] == [p.shape for p in policy.parameters()]
+    assert namespace["batch"].num_envs == 16 and any(g.abs().sum() > 0 for g in grad)
