@@ -101,15 +101,17 @@ class RolloutCollector:
         return_before = torch.as_tensor(self._ep_disc_return, dtype=torch.float32)
         length_before = torch.as_tensor(self._ep_length.copy())
 
+        action_space = self.envs.single_action_space
         for t in range(num_steps):
-            obs[t] = torch.as_tensor(self._obs, device=device)
-            dist = policy(obs[t])
+            obs_t = torch.as_tensor(self._obs, device=device)
+            obs[t] = obs_t
+            dist = policy(obs_t)
             action = dist.sample()
             logp[t] = dist.log_prob(action)
             if act is None:
                 act = torch.empty((num_steps, *action.shape), dtype=action.dtype, device=device)
             act[t] = action
-            env_action = to_env_action(action.cpu().numpy(), self.envs.single_action_space)
+            env_action = to_env_action(action.cpu().numpy(), action_space)
             try:
                 self._obs, reward, term, trunc, _ = self.envs.step(env_action)
             except Exception as error:
@@ -117,13 +119,16 @@ class RolloutCollector:
                     f"environment {self.name} raised at env step {self.env_steps} "
                     f"(step {t} of this batch): {type(error).__name__}: {error}"
                 ) from error
-            valid[t] = ~self._reset_next
-            rew[t] = np.where(valid[t], reward, 0.0)
-            terminated[t] = term & valid[t]
-            truncated[t] = trunc & valid[t]
-            self._track_episodes(rew[t], valid[t], terminated[t] | truncated[t])
+            # Raw env outputs now; the reset-step masks are applied to whole arrays after the loop.
+            rew[t], terminated[t], truncated[t] = reward, term, trunc
+            valid_t = ~self._reset_next
+            valid[t] = valid_t
             self._reset_next = term | trunc
+            self._track_episodes(reward, valid_t, self._reset_next & valid_t)
         obs[num_steps] = torch.as_tensor(self._obs, device=device)
+        rew *= valid
+        terminated &= valid
+        truncated &= valid
 
         assert act is not None
         return RolloutBatch(
@@ -140,10 +145,11 @@ class RolloutCollector:
 
     def _track_episodes(self, reward: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
         """Accumulate the running episodes; record and restart those that ended at this step."""
+        reward = reward * valid  # a reset step earns nothing
         self.env_steps += int(valid.sum())
         self._ep_return += reward
         self._ep_disc_return += self._ep_discount * reward
-        self._ep_discount = np.where(valid, self._ep_discount * self.gamma, self._ep_discount)
+        self._ep_discount *= np.where(valid, self.gamma, 1.0)
         self._ep_length += valid
         if done.any():
             ended = np.flatnonzero(done)
