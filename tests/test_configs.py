@@ -113,3 +113,11 @@ def test_masked_cartpole_hides_the_velocities():
 def test_unknown_env_id_names_the_id_and_suggests_close_ones():
     with pytest.raises(ValueError, match=r"env\.id 'CartPole-v7'.*CartPole-v1"):
         VectorEnvFactory("CartPole-v7")
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_overlay_composes_and_instantiates(name):
+    cfg = compose_with(f"+experiment={name}")
+    assert isinstance(instantiate(cfg.env), VectorEnvFactory)
+    assert isinstance(instantiate(cfg.estimator), Estimator)
+    assert cfg.steps_per_env * cfg.env.num_envs <= cfg.total_env_steps
