@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -164,23 +165,27 @@ def measured_kl(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, params
     """Mean KL(π_θ ‖ π_θ+step) over ``obs[mask]``; the parameters are restored afterwards."""
     with torch.no_grad():
         old = policy(obs)
-        _add(params, step)
-        try:
+        with _moved(params, step):
             return masked_mean(torch.distributions.kl_divergence(old, policy(obs)), mask)
-        finally:
-            _add(params, -step)
 
 
 def _try_step(policy, obs, mask, params, step, surrogate, reduce) -> tuple[float, float]:
-    with torch.no_grad():
-        old = policy(obs)
-        _add(params, step)
-        try:
-            kl = float(reduce(masked_mean(torch.distributions.kl_divergence(old, policy(obs)), mask)))
-            value = float(reduce(surrogate(policy))) if surrogate is not None else 0.0
-        finally:
-            _add(params, -step)
-    return kl, value
+    """(KL, surrogate value) at θ + step, averaged over processes; θ is restored afterwards."""
+    kl = float(reduce(measured_kl(policy, obs, mask, params, step)))
+    if surrogate is None:
+        return kl, 0.0
+    with torch.no_grad(), _moved(params, step):
+        return kl, float(reduce(surrogate(policy)))
+
+
+@contextmanager
+def _moved(params: list[torch.Tensor], step: torch.Tensor):
+    """Temporarily θ ← θ + step (in place)."""
+    _add(params, step)
+    try:
+        yield
+    finally:
+        _add(params, -step)
 
 
 def _surrogate(batch, loss):
