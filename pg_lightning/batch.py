@@ -62,10 +62,6 @@ class RolloutBatch:
         """Real transitions in the batch: every step but the masked reset steps."""
         return int(self.valid.sum())
 
-    def to(self, device: torch.device | str) -> RolloutBatch:
-        """A copy with every tensor on ``device``."""
-        return RolloutBatch(**{name: value.to(device) for name, value in vars(self).items()})
-
     def select_envs(self, index: torch.Tensor | slice) -> RolloutBatch:
         """The batch restricted to the envs (columns) ``index``."""
         return RolloutBatch(

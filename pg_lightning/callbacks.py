@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pg_lightning.evaluation import evaluate
 from pg_lightning.module import PolicyGradientModule
+from pg_lightning.validation import positive_int, require
 
 
 class Evaluation(Callback):
@@ -33,10 +34,8 @@ class Evaluation(Callback):
     """
 
     def __init__(self, every_n_iterations: int = 5, num_episodes: int = 20, stop_on_solve: bool = True, seed: int = 10_000):
-        if every_n_iterations < 1:
-            raise ValueError(f"eval.every_n_iterations must be a positive integer, got {every_n_iterations}")
-        if num_episodes < 1:
-            raise ValueError(f"eval.num_episodes must be a positive integer, got {num_episodes}")
+        require("eval.every_n_iterations", every_n_iterations, positive_int, "a positive integer")
+        require("eval.num_episodes", num_episodes, positive_int, "a positive integer")
         self.every_n_iterations = every_n_iterations
         self.num_episodes = num_episodes
         self.stop_on_solve = stop_on_solve
@@ -114,7 +113,6 @@ class RunSummary(Callback):
         evaluation: the run's ``Evaluation`` callback, for eval and solve figures (optional).
         metrics_csv: path of the run's metrics CSV, or ``None`` if there is none.
         checkpoint: path of the run's ``last.ckpt``, reported when the file exists.
-        extra: more key/values to include.
     """
 
     def __init__(
@@ -123,13 +121,11 @@ class RunSummary(Callback):
         evaluation: Evaluation | None = None,
         metrics_csv: str | Path | None = None,
         checkpoint: str | Path | None = None,
-        extra: dict[str, Any] | None = None,
     ):
         self.path = Path(path)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.evaluation = evaluation
         self.metrics_csv = None if metrics_csv is None else str(metrics_csv)
-        self.extra = dict(extra or {})
         self.summary: dict[str, Any] | None = None
         self._start: float | None = None
 
@@ -166,7 +162,6 @@ class RunSummary(Callback):
             "solved_at_env_steps": evaluation.solved_at_env_steps if evaluation else None,
             "metrics_csv": self.metrics_csv,
             "checkpoint": str(self.checkpoint) if self.checkpoint is not None and self.checkpoint.exists() else None,
-            **self.extra,
         }
         if error is not None:
             summary["error"] = error.strip().splitlines()[-1]
@@ -188,8 +183,7 @@ class CrashSafeCheckpoint(Callback):
     """
 
     def __init__(self, path: str | Path, every_n_iterations: int = 50):
-        if every_n_iterations < 1:
-            raise ValueError(f"checkpoint.every_n_iterations must be a positive integer, got {every_n_iterations}")
+        require("checkpoint.every_n_iterations", every_n_iterations, positive_int, "a positive integer")
         self.path = Path(path)
         self.every_n_iterations = every_n_iterations
 

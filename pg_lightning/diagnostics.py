@@ -13,6 +13,7 @@ from torch import nn
 
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.estimators import Estimator
+from pg_lightning.functional import flatten
 from pg_lightning.gradient import estimate_gradient
 
 
@@ -20,7 +21,7 @@ def flat_gradient(
     policy: nn.Module, batch: RolloutBatch, estimator: Estimator, value_fn: nn.Module | None = None
 ) -> torch.Tensor:
     """``[P]``: ``estimate_gradient`` flattened into one vector."""
-    return torch.cat([g.flatten() for g in estimate_gradient(policy, batch, estimator, value_fn)])
+    return flatten(estimate_gradient(policy, batch, estimator, value_fn))
 
 
 def sub_batch_gradients(

@@ -11,6 +11,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import VectorEnv
 
+from pg_lightning.validation import positive_int, require
+
 
 @dataclass
 class VectorEnvFactory:
@@ -35,8 +37,7 @@ class VectorEnvFactory:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.num_envs < 1:
-            raise ValueError(f"env.num_envs must be a positive integer, got {self.num_envs}")
+        require("env.num_envs", self.num_envs, positive_int, "a positive integer")
         if self.id not in gym.registry:
             close = difflib.get_close_matches(self.id, list(gym.registry), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""

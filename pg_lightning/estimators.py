@@ -44,6 +44,7 @@ import torch
 
 from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
+from pg_lightning.validation import positive_int, positive_number, require, unit_interval
 
 BaselineKind = Literal["none", "average", "optimal", "value"]
 BASELINES = ("none", "average", "optimal", "value")
@@ -66,10 +67,8 @@ class ValueFunctionConfig:
     steps: int = 25
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"estimator.value.lr must be positive, got {self.lr}")
-        if self.steps < 1:
-            raise ValueError(f"estimator.value.steps must be a positive integer, got {self.steps}")
+        require("estimator.value.lr", self.lr, positive_number, "positive")
+        require("estimator.value.steps", self.steps, positive_int, "a positive integer")
 
 
 @dataclass(frozen=True)
@@ -117,12 +116,10 @@ class Estimator:
     value: ValueFunctionConfig | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"estimator.gamma must be in [0, 1], got {self.gamma}")
+        require("estimator.gamma", self.gamma, unit_interval, "in [0, 1]")
         if self.baseline not in BASELINES:
             raise ValueError(f"estimator.baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        if not 0.0 <= self.gae_lambda <= 1.0:
-            raise ValueError(f"estimator.gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        require("estimator.gae_lambda", self.gae_lambda, unit_interval, "in [0, 1]")
         if self.baseline == "value":
             if self.value is None:
                 raise ValueError("estimator.value is required for estimator.baseline=value (a learned V needs its settings)")

@@ -202,6 +202,20 @@ def optimal_baseline(scores: torch.Tensor, returns: torch.Tensor) -> torch.Tenso
     return torch.where(others_g2 > 0, others_g2r / others_g2.clamp(min=torch.finfo(g2.dtype).tiny), torch.zeros_like(g2))
 
 
+def flatten(tensors) -> torch.Tensor:
+    """One vector ``[P]`` from a sequence of tensors (e.g. per-parameter gradients)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten_like(flat: torch.Tensor, like) -> list[torch.Tensor]:
+    """Split ``flat [P]`` back into views shaped like the tensors of ``like``."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
 def conjugate_gradient(
     matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, residual_tol: float = 1e-12
 ) -> torch.Tensor:

@@ -88,13 +88,8 @@ def _optimal_baseline_surrogate(
     returns = F.segment_sum(estimate.weights, segments, num_segments) / steps.clamp(min=1)
     baseline = F.optimal_baseline(scores, returns)
     ascent = (scores * (returns[:, None] - baseline)).sum(0) / estimate.num_segments.clamp(min=1)
-    loss = logp.new_zeros(())
-    offset = 0
-    for name in names:
-        p = dict(policy.named_parameters())[name]
-        loss = loss - (p * ascent[offset : offset + p.numel()].view_as(p)).sum()
-        offset += p.numel()
-    return loss
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # same order as ``names``
+    return -sum((p * g).sum() for p, g in zip(trainable, F.unflatten_like(ascent, trainable)))
 
 
 def estimate_gradient(

@@ -34,6 +34,7 @@ from pg_lightning.functional import masked_mean
 from pg_lightning.gradient import policy_loss
 from pg_lightning.policies import mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
+from pg_lightning.validation import positive_int, require
 from pg_lightning.value import ValueFunction, value_loss
 
 class NonFiniteUpdatesError(RuntimeError):
@@ -76,10 +77,9 @@ class PolicyGradientModule(LightningModule):
         max_skipped_updates: int = 10,
     ):
         super().__init__()
-        if steps_per_env < 1:
-            raise ValueError(f"steps_per_env must be a positive integer, got {steps_per_env}")
-        if total_env_steps is not None and total_env_steps < 1:
-            raise ValueError(f"total_env_steps must be a positive integer, got {total_env_steps}")
+        require("steps_per_env", steps_per_env, positive_int, "a positive integer")
+        if total_env_steps is not None:
+            require("total_env_steps", total_env_steps, positive_int, "a positive integer")
         self.env = env if isinstance(env, VectorEnvFactory) else VectorEnvFactory(id=env)
         observation_space, action_space = self.env.spaces()
         check_action_space(action_space)
@@ -95,11 +95,10 @@ class PolicyGradientModule(LightningModule):
         self.steps_per_env = steps_per_env
         self.total_env_steps = total_env_steps
         self.seed = seed
-        if grad_variance_groups is not None and grad_variance_groups < 2:
-            raise ValueError(f"diagnostics.groups must be at least 2, got {grad_variance_groups}")
+        if grad_variance_groups is not None:
+            require("diagnostics.groups", grad_variance_groups, lambda v: positive_int(v) and v >= 2, "at least 2")
         self.grad_variance_groups = grad_variance_groups
-        if max_skipped_updates < 1:
-            raise ValueError(f"max_skipped_updates must be a positive integer, got {max_skipped_updates}")
+        require("max_skipped_updates", max_skipped_updates, positive_int, "a positive integer")
         self.max_skipped_updates = max_skipped_updates
         self.skipped_updates = 0
         self._skipped_in_a_row = 0
@@ -167,7 +166,8 @@ class PolicyGradientModule(LightningModule):
             self._guarded_step(optimizers[0], result.loss, self.policy)
         if self.value_fn is not None:
             metrics.update(self._fit_value(batch, estimate.value_targets, optimizers[1], values))
-        entropy = masked_mean(result.dist.entropy(), batch.valid)
+        with torch.no_grad():
+            entropy = masked_mean(result.dist.entropy(), batch.valid)
         self._log_iteration(batch, estimate.mask, result.loss, entropy, metrics)
 
     def _guarded_step(self, optimizer, loss: torch.Tensor, model: nn.Module) -> bool:

@@ -31,6 +31,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from pg_lightning.functional import conjugate_gradient, masked_mean
+from pg_lightning.functional import flatten as _flat
+from pg_lightning.functional import unflatten_like as _unflatten
+from pg_lightning.validation import non_negative, positive_int, positive_number, require
 
 
 class NaturalGradient(Callback):
@@ -56,16 +59,11 @@ class NaturalGradient(Callback):
         backtrack_ratio: float = 0.5,
         max_backtracks: int = 10,
     ):
-        if not max_kl > 0:
-            raise ValueError(f"optimizer.max_kl must be positive, got {max_kl}")
-        if not damping >= 0:
-            raise ValueError(f"optimizer.damping must be non-negative, got {damping}")
-        if cg_iters < 1:
-            raise ValueError(f"optimizer.cg_iters must be a positive integer, got {cg_iters}")
-        if not 0 < backtrack_ratio < 1:
-            raise ValueError(f"optimizer.backtrack_ratio must be in (0, 1), got {backtrack_ratio}")
-        if max_backtracks < 1:
-            raise ValueError(f"optimizer.max_backtracks must be a positive integer, got {max_backtracks}")
+        require("optimizer.max_kl", max_kl, positive_number, "positive")
+        require("optimizer.damping", damping, non_negative, "non-negative")
+        require("optimizer.cg_iters", cg_iters, positive_int, "a positive integer")
+        require("optimizer.backtrack_ratio", backtrack_ratio, lambda v: positive_number(v) and v < 1, "in (0, 1)")
+        require("optimizer.max_backtracks", max_backtracks, positive_int, "a positive integer")
         self.max_kl = max_kl
         self.damping = damping
         self.cg_iters = cg_iters
@@ -197,18 +195,6 @@ def _surrogate(batch, loss):
         return (ratio * estimate.weights * estimate.mask).sum() / estimate.num_segments.clamp(min=1)
 
     return value
-
-
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for p in like:
-        out.append(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return out
 
 
 def _add(params: list[torch.Tensor], step: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset
 
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.envs import VectorEnvFactory, check_action_space, to_env_action
+from pg_lightning.validation import positive_int, require
 
 
 class EnvStepError(RuntimeError):
@@ -63,8 +64,7 @@ class RolloutCollector:
     def __init__(
         self, envs: VectorEnv, steps_per_env: int, gamma: float = 0.99, seed: int | None = None, name: str | None = None
     ):
-        if steps_per_env < 1:
-            raise ValueError(f"steps_per_env must be a positive integer, got {steps_per_env}")
+        require("steps_per_env", steps_per_env, positive_int, "a positive integer")
         check_action_space(envs.single_action_space)
         self.envs = envs
         spec = getattr(envs, "spec", None)
@@ -212,12 +212,10 @@ def collect(
     envs = _as_vector_env(env, num_envs=num_episodes)
     collector = RolloutCollector(envs, steps_per_env=1, gamma=gamma, seed=seed)
     if num_steps is not None:
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
+        require("num_steps", num_steps, positive_int, "a positive integer")
         return collector.collect(policy, num_steps=math.ceil(num_steps / envs.num_envs))
     assert num_episodes is not None
-    if num_episodes < 1:
-        raise ValueError(f"num_episodes must be a positive integer, got {num_episodes}")
+    require("num_episodes", num_episodes, positive_int, "a positive integer")
     quota = torch.full((envs.num_envs,), num_episodes // envs.num_envs)
     quota[: num_episodes % envs.num_envs] += 1
     chunks, ended = [], torch.zeros(envs.num_envs, dtype=torch.long)

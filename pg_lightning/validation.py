@@ -7,6 +7,7 @@ bad value is refused before any env is created or any time is spent.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,11 +23,11 @@ class ConfigError(ValueError):
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def positive_int(value: Any) -> bool:
@@ -39,6 +40,17 @@ def positive_number(value: Any) -> bool:
 
 def unit_interval(value: Any) -> bool:
     return _is_number(value) and 0.0 <= value <= 1.0
+
+
+def non_negative(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+def require(key: str, value: Any, check: Callable[[Any], bool], expected: str, error: type = ValueError) -> None:
+    """Raise ``error("<key> must be <expected>, got <value>")`` unless ``check(value)``: the one message format
+    of every refused value, in configs and in constructors alike."""
+    if not check(value):
+        raise error(f"{key} must be {expected}, got {value!r}")
 
 # key -> (check, what a valid value is). Keys that a config does not have are skipped.
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -53,7 +65,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "estimator.value.steps": (positive_int, "a positive integer"),
     "optimizer.lr": (positive_number, "a positive number"),
     "optimizer.max_kl": (positive_number, "a positive number"),
-    "optimizer.damping": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "optimizer.damping": (non_negative, "a non-negative number"),
     "optimizer.cg_iters": (positive_int, "a positive integer"),
     "off_policy.clip_ratio": (positive_number, "a positive number"),
     "eval.every_n_iterations": (positive_int, "a positive integer"),
@@ -67,10 +79,8 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first value that cannot work (see ``CHECKS`` and the rules below)."""
     for key, (check, expected) in CHECKS.items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
-        if value is _MISSING:  # the config has no such key (or its parent is null)
-            continue
-        if not check(value):
-            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+        if value is not _MISSING:  # _MISSING: the config has no such key (or its parent is null)
+            require(key, value, check, expected, error=ConfigError)
     for key in ("policy.hidden_sizes", "estimator.value.hidden_sizes"):
         sizes = OmegaConf.select(cfg, key, default=None)
         if sizes is not None and not all(positive_int(size) for size in sizes):
