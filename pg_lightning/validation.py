@@ -91,6 +91,13 @@ def validate_config(cfg: DictConfig) -> None:
             f"total_env_steps={cfg.total_env_steps} is smaller than one batch "
             f"(steps_per_env={cfg.steps_per_env} x env.num_envs={cfg.env.num_envs} = {batch})"
         )
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
+    natural_gradient = str(OmegaConf.select(cfg, "optimizer._target_", default="")).endswith("NaturalGradient")
+    if clip and not natural_gradient:  # the natural gradient refuses it with its own reason (run.build)
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip} is not supported: PolicyGradientModule steps its optimizers itself "
+            "(manual optimization), where Lightning does not clip; leave it unset"
+        )
     ckpt_path = OmegaConf.select(cfg, "ckpt_path", default=None)
     if ckpt_path is not None:
         if not os.path.isfile(str(ckpt_path)):

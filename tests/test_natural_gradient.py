@@ -100,7 +100,7 @@ def test_nonsensical_settings_are_refused(kwargs, message):
 
 
 def test_gradient_clipping_is_refused_with_what_to_do(tmp_path):
-    cfg = compose_with("optimizer=natural_gradient", "+trainer.gradient_clip_val=0.5", "logger=none")
+    cfg = compose_with("optimizer=natural_gradient", "trainer.gradient_clip_val=0.5", "logger=none")
     with pytest.raises(ConfigError, match=r"trainer.gradient_clip_val=0.5 cannot be combined .* optimizer.max_kl"):
         train(cfg, tmp_path)
 

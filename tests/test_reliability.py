@@ -40,6 +40,7 @@ TINY = ["logger=csv", "env.num_envs=2", "steps_per_env=50", "eval.num_episodes=2
         (["estimator.gae_lambda=0.9"], "estimator.gae_lambda=0.9 needs estimator.baseline=value"),
         (["env.id=CartPole-v9"], "env.id 'CartPole-v9' is not a registered gymnasium environment (did you mean CartPole-v1"),
         (["env.id=PgTest/MultiDiscrete-v0"], "action space MultiDiscrete([2 2]) is not supported"),
+        (["trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0 is not supported"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path '/nonexistent/last.ckpt' is not a file"),
     ],
 )
