@@ -8,6 +8,7 @@ from pg_lightning.evaluation import evaluate
 from pg_lightning.gradient import estimate_gradient, policy_loss
 from pg_lightning.module import PolicyGradientModule
 from pg_lightning.natural_gradient import NaturalGradient
+from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import CategoricalMLP, GaussianMLP, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset, collect
 from pg_lightning.value import ValueFunction
@@ -18,6 +19,7 @@ __all__ = [
     "Evaluation",
     "GaussianMLP",
     "NaturalGradient",
+    "OffPolicy",
     "PolicyGradientModule",
     "RolloutBatch",
     "RolloutCollector",

@@ -149,6 +149,7 @@ class RunSummary(Callback):
             "status": status,
             "env_id": module.env.id,
             "estimator": module.estimator.name,
+            "off_policy": module.off_policy.kind,
             "seed": module.seed,
             "world_size": trainer.world_size,
             "env_steps": module.env_steps,

@@ -6,6 +6,7 @@ parameters, so each can be checked against a plain Python loop (``tests/test_fun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -108,6 +109,47 @@ def pseudo_loss(
     """
     terms = logp * weights.detach() * mask
     return -terms.sum() / max(float(num_episodes), 1.0)
+
+
+def log_ratio(logp: torch.Tensor, logp_behavior: torch.Tensor) -> torch.Tensor:
+    """log ρ_t = log π_θ(a_t|s_t) - log π_b(a_t|s_t): the importance ratio's one definition (lecture §6.2).
+
+    The direction is fixed here and nowhere else: the *current* policy over the *behaviour* policy
+    that collected the step, so that E_{a~π_b}[ρ f(a)] = E_{a~π_θ}[f(a)].
+    """
+    return logp - logp_behavior
+
+
+def trajectory_weights(
+    log_weights: torch.Tensor, truncate: float | None = None, self_normalize: bool = False
+) -> torch.Tensor:
+    """Importance weights w_i = Π_t ρ_it = exp(Σ_t log ρ_it) of whole trajectories, from their log (§6.2).
+
+    Args:
+        log_weights: ``[N]`` Σ_t log ρ_t per trajectory (sums, so no product of many ratios is formed).
+        truncate: if set, w_i ← min(w_i, truncate) (truncated importance sampling, applied in log space).
+        self_normalize: return w_i / Σ_j w_j (weighted importance sampling): the weights sum to 1.
+            The largest log-weight is subtracted before ``exp``, so this never overflows or gives 0/0.
+
+    Returns:
+        ``[N]`` float64 weights (float64 so that products over 500-step episodes stay representable).
+    """
+    log_weights = log_weights.double()
+    if truncate is not None:
+        log_weights = log_weights.clamp(max=math.log(truncate))
+    if self_normalize:
+        return torch.softmax(log_weights, dim=0)
+    return log_weights.exp()
+
+
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size as a fraction of the sample: (Σ w)² / (n Σ w²) ∈ (0, 1].
+
+    1 when all weights are equal (on-policy data); 1/n when one sample carries all the weight.
+    """
+    weights = weights.double()
+    n = max(weights.numel(), 1)
+    return weights.sum() ** 2 / (n * (weights**2).sum()).clamp(min=torch.finfo(torch.float64).tiny)
 
 
 def segment_ids(valid: torch.Tensor, done: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch.func import functional_call, grad, vmap
 from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.estimators import Estimator, EstimatorOutput
+from pg_lightning.off_policy import OffPolicy, importance_loss
 
 
 # Steps per vmap call when computing per-step score vectors (bounds the memory to SCORE_CHUNK x P).
@@ -93,11 +94,17 @@ def _optimal_baseline_surrogate(
 
 
 def estimate_gradient(
-    policy: nn.Module, batch: RolloutBatch, estimator: Estimator, value_fn: nn.Module | None = None
+    policy: nn.Module,
+    batch: RolloutBatch,
+    estimator: Estimator,
+    value_fn: nn.Module | None = None,
+    off_policy: OffPolicy | None = None,
 ) -> list[torch.Tensor]:
     """The estimate of ∇_θ J (ascent direction) that ``estimator`` gives on ``batch``: one tensor per parameter.
 
-    Same code path as training (``policy_loss``); ``value_fn`` is V_φ for value-baseline estimators.
+    Same code path as training: ``policy_loss``, or with an importance-sampled ``off_policy`` kind
+    ``off_policy.importance_loss`` on the whole batch (the batch may come from another policy: its
+    ``logp_behavior``). ``value_fn`` is V_φ for value-baseline estimators.
     """
     values = None
     if estimator.needs_value:
@@ -106,6 +113,9 @@ def estimate_gradient(
         with torch.no_grad():
             values = value_fn(batch.obs)
     params = [p for p in policy.parameters() if p.requires_grad]
-    loss = policy_loss(policy, batch, estimator, values).loss
+    if off_policy is not None and off_policy.reuses_data:
+        loss = importance_loss(policy, batch, estimator(batch, values), off_policy).loss
+    else:
+        loss = policy_loss(policy, batch, estimator, values).loss
     grads = torch.autograd.grad(-loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]

@@ -5,6 +5,9 @@ One Lightning epoch is one policy-gradient iteration (lecture §2, the REINFORCE
 1. ``train_dataloader`` yields one batch collected with the *current* policy (``rollout.py``);
 2. ``training_step`` computes log π_θ(a_t|s_t), the estimator's weights Ψ_t and the pseudo-loss
    -(1/N) Σ_i Σ_t log π_θ(a_it|s_it) Ψ_it (§7.2), and takes one policy optimizer step on it;
+   With ``off_policy`` reuse (``off_policy.py``, lecture §6) the batch joins a replay of the last
+   ``reuse_batches`` batches and ``updates_per_batch`` passes of minibatch steps are taken on the
+   importance-weighted loss instead;
 3. with a learned value baseline, V_φ is then fitted to the batch's bootstrapped reward-to-go with its
    own optimizer (after Ψ was computed with the old V_φ, so the baseline does not depend on the batch);
 4. the module stops the trainer when ``total_env_steps`` is spent.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 
@@ -32,6 +36,8 @@ from pg_lightning.envs import VectorEnvFactory, check_action_space
 from pg_lightning.estimators import Estimator
 from pg_lightning.functional import masked_mean
 from pg_lightning.gradient import policy_loss
+from pg_lightning.natural_gradient import NaturalGradient
+from pg_lightning.off_policy import OffPolicy, importance_loss, select_estimate
 from pg_lightning.policies import mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.validation import positive_int, require
@@ -62,6 +68,7 @@ class PolicyGradientModule(LightningModule):
             sub-batches of envs (costs one extra backward pass per sub-batch).
         max_skipped_updates: an update whose loss or gradient is not finite is skipped (and counted
             in ``diag/skipped_updates``); this many in a row stop training with ``NonFiniteUpdatesError``.
+        off_policy: importance-sampled reuse of past batches (``OffPolicy``); default on-policy.
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class PolicyGradientModule(LightningModule):
         seed: int = 0,
         grad_variance_groups: int | None = None,
         max_skipped_updates: int = 10,
+        off_policy: OffPolicy | None = None,
     ):
         super().__init__()
         require("steps_per_env", steps_per_env, positive_int, "a positive integer")
@@ -92,6 +100,10 @@ class PolicyGradientModule(LightningModule):
         )
         self.automatic_optimization = False
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-2)
+        self.off_policy = off_policy or OffPolicy()
+        self._check_off_policy()
+        # The current batch and the `reuse_batches` before it, each with its behaviour log-probs.
+        self.replay: deque[RolloutBatch] = deque(maxlen=self.off_policy.reuse_batches + 1)
         self.steps_per_env = steps_per_env
         self.total_env_steps = total_env_steps
         self.seed = seed
@@ -110,6 +122,26 @@ class PolicyGradientModule(LightningModule):
         self.iterations = 0
         self.train_return_mean = math.nan
         self._last_step_time: float | None = None
+
+    def _check_off_policy(self) -> None:
+        kind = self.off_policy.kind
+        if not self.off_policy.reuses_data:
+            return
+        if self.estimator.baseline == "optimal":
+            raise ValueError(
+                f"off_policy.kind={kind} cannot be combined with estimator.baseline=optimal "
+                "(the per-parameter baseline has no importance-weighted form here); use baseline=average or value"
+            )
+        if isinstance(self.optimizer_factory, NaturalGradient):
+            raise ValueError(
+                f"off_policy.kind={kind} cannot be combined with optimizer=natural_gradient "
+                "(its step is computed from the on-policy batch); use optimizer=adam or sgd"
+            )
+        if self.off_policy.minibatches > self.env.num_envs:
+            raise ValueError(
+                f"off_policy.minibatches={self.off_policy.minibatches} is more than env.num_envs={self.env.num_envs} "
+                "(a minibatch is a group of envs, so that trajectories stay whole)"
+            )
 
     def setup(self, stage: str) -> None:
         # Envs are created here, not in __init__, so the module stays picklable (ddp_spawn) and the
@@ -149,26 +181,67 @@ class PolicyGradientModule(LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        values = None
-        if self.value_fn is not None:
-            with torch.no_grad():
-                values = self.value_fn(batch.obs)  # [T + 1, B], V_φ before this batch's fit
+        values = self._values(batch)  # [T + 1, B], V_φ before this batch's fit
         metrics = {}
         if self.grad_variance_groups is not None:
             estimates = sub_batch_gradients(self.policy, batch, self.estimator, self.value_fn, self.grad_variance_groups)
             metrics.update({f"diag/{k}": v for k, v in gradient_statistics(estimates).items()})
-        result = policy_loss(self.policy, batch, self.estimator, values)
-        estimate = result.estimate
-        # Kept for optimizer callbacks (NaturalGradient needs the batch's states and weights).
-        self.last_batch, self.last_policy_loss = batch, result
-        # When no step has a known weight (no episode ended, no value to bootstrap) there is nothing to learn.
-        if bool(estimate.mask.any()):
-            self._guarded_step(optimizers[0], result.loss, self.policy)
+        if self.off_policy.reuses_data:
+            estimate, loss, entropy = self._replay_updates(batch, values, optimizers[0], metrics)
+        else:
+            result = policy_loss(self.policy, batch, self.estimator, values)
+            estimate, loss = result.estimate, result.loss
+            # Kept for optimizer callbacks (NaturalGradient needs the batch's states and weights).
+            self.last_batch, self.last_policy_loss = batch, result
+            # When no step has a known weight (no episode ended, no value to bootstrap) there is nothing to learn.
+            if bool(estimate.mask.any()):
+                self._guarded_step(optimizers[0], loss, self.policy)
+            with torch.no_grad():
+                entropy = masked_mean(result.dist.entropy(), batch.valid)
         if self.value_fn is not None:
             metrics.update(self._fit_value(batch, estimate.value_targets, optimizers[1], values))
+        self._log_iteration(batch, estimate.mask, loss, entropy, metrics)
+
+    def _replay_updates(self, batch: RolloutBatch, values: torch.Tensor | None, optimizer, metrics: dict):
+        """``updates_per_batch`` passes of minibatch steps on the importance-weighted loss of every kept batch.
+
+        Ψ of each kept batch is computed once per iteration, before any step (with the current V_φ for
+        value presets), so it is a constant of the loss; the ratios move with θ from step to step.
+        Returns the current batch's estimate, the mean loss and the policy entropy on the current batch.
+        """
         with torch.no_grad():
-            entropy = masked_mean(result.dist.entropy(), batch.valid)
-        self._log_iteration(batch, estimate.mask, result.loss, entropy, metrics)
+            entropy = masked_mean(self.policy(batch.obs[:-1]).entropy(), batch.valid)
+        self.replay.append(batch)
+        kept = []
+        for old in self.replay:
+            old_values = values if old is batch else self._values(old)
+            kept.append((old, self.estimator(old, old_values)))
+        losses, ess, kl, clipped = [], [], [], []
+        for _ in range(self.off_policy.updates_per_batch):
+            for data, estimate in kept:
+                for envs in torch.randperm(data.num_envs).chunk(self.off_policy.minibatches):
+                    part = select_estimate(estimate, envs)
+                    if not bool(part.mask.any()):
+                        continue
+                    result = importance_loss(self.policy, data.select_envs(envs), part, self.off_policy)
+                    self._guarded_step(optimizer, result.loss, self.policy)
+                    losses.append(result.loss.detach())
+                    ess.append(result.ess)
+                    kl.append(result.approx_kl)
+                    clipped.append(result.clip_fraction)
+        if losses:
+            # Means over this iteration's steps: how far each step's policy was from the data's.
+            metrics["diag/ess"] = torch.stack(ess).mean()
+            metrics["diag/approx_kl"] = torch.stack(kl).mean()
+            metrics["diag/clip_fraction"] = torch.stack(clipped).mean()
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        return kept[-1][1], loss, entropy
+
+    def _values(self, batch: RolloutBatch) -> torch.Tensor | None:
+        if self.value_fn is None:
+            return None
+        with torch.no_grad():
+            return self.value_fn(batch.obs)
 
     def _guarded_step(self, optimizer, loss: torch.Tensor, model: nn.Module) -> bool:
         """One optimizer step on ``loss``, skipped if the loss or any gradient is not finite."""
@@ -253,6 +326,7 @@ class PolicyGradientModule(LightningModule):
             "iterations": self.iterations,
             "skipped_updates": self.skipped_updates,
             "train_return_mean": self.train_return_mean,
+            "replay": [vars(batch) for batch in self.replay],
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -261,3 +335,5 @@ class PolicyGradientModule(LightningModule):
         self.iterations = counters.get("iterations", 0)
         self.skipped_updates = counters.get("skipped_updates", 0)
         self.train_return_mean = counters.get("train_return_mean", math.nan)
+        self.replay.clear()
+        self.replay.extend(RolloutBatch(**fields) for fields in counters.get("replay", []))

@@ -34,6 +34,10 @@ def positive_int(value: Any) -> bool:
     return _is_int(value) and value > 0
 
 
+def non_negative_int(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
 def positive_number(value: Any) -> bool:
     return _is_number(value) and value > 0
 
@@ -68,6 +72,11 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.damping": (non_negative, "a non-negative number"),
     "optimizer.cg_iters": (positive_int, "a positive integer"),
     "off_policy.clip_ratio": (positive_number, "a positive number"),
+    "off_policy.kl_coef": (non_negative, "a non-negative number"),
+    "off_policy.reuse_batches": (non_negative_int, "a non-negative integer"),
+    "off_policy.updates_per_batch": (positive_int, "a positive integer"),
+    "off_policy.minibatches": (positive_int, "a positive integer"),
+    "off_policy.truncate": (lambda v: v is None or positive_number(v), "a positive number or null"),
     "eval.every_n_iterations": (positive_int, "a positive integer"),
     "eval.num_episodes": (positive_int, "a positive integer"),
     "checkpoint.every_n_iterations": (positive_int, "a positive integer"),

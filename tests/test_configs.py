@@ -14,10 +14,11 @@ from lightning import Trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from pg_lightning import Estimator, VectorEnvFactory
+from pg_lightning.off_policy import OffPolicy
 from pg_lightning.run import make_loggers
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ("env", "policy", "estimator", "optimizer", "trainer", "logger")
+GROUPS = ("env", "policy", "estimator", "optimizer", "off_policy", "trainer", "logger")
 
 
 def options(group: str) -> list[str]:
@@ -35,6 +36,7 @@ def test_required_options_exist():
     assert {"reinforce", "reward_to_go", "baseline"} <= set(options("estimator"))
     assert {"adam", "sgd"} <= set(options("optimizer"))
     assert {"wandb", "csv", "none"} <= set(options("logger"))
+    assert {"none", "trajectory", "per_step", "clipped"} <= set(options("off_policy"))
 
 
 def test_defaults():
@@ -78,6 +80,19 @@ def test_every_optimizer_config_instantiates(name):
     assert isinstance(optimizer, torch.optim.Optimizer)
     # The natural gradient writes its whole step into .grad and applies it with SGD at lr 1.
     assert optimizer.param_groups[0]["lr"] == cfg.optimizer.get("lr", 1.0)
+
+
+@pytest.mark.parametrize("name", options("off_policy"))
+def test_every_off_policy_config_instantiates_and_user_overrides_win(name):
+    off_policy = instantiate(compose_with(f"off_policy={name}").off_policy)
+    assert isinstance(off_policy, OffPolicy) and off_policy.kind == name
+    cfg = compose_with(f"off_policy={name}", "estimator=reward_to_go", "steps_per_env=7")
+    assert cfg.estimator.name == "reward_to_go" and cfg.steps_per_env == 7
+
+
+def test_clipped_preset_brings_its_estimator_and_rollout_length():
+    cfg = compose_with("off_policy=clipped")
+    assert cfg.estimator.name == "gae" and cfg.steps_per_env == 32 and cfg.env.id == "CartPole-v1"
 
 
 @pytest.mark.parametrize("name", options("trainer"))

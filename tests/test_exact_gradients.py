@@ -1,4 +1,4 @@
-"""Estimators against exact gradients on small MDPs (lecture §2, §4, §5).
+"""Estimators against exact gradients on small MDPs (lecture §2, §4, §5, §6).
 
 For each MDP, M independent batches of n whole episodes are drawn with a fixed seed; each batch gives
 one estimate ĝ. The mean of the M estimates must match the exact ∇J within 4 standard errors per
@@ -8,6 +8,7 @@ errors of a variance estimate (√(2/(M-1))). The data are the same for every es
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from pg_lightning import estimators as E
 from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.gradient import estimate_gradient
+from pg_lightning.off_policy import OffPolicy
 from pg_lightning.mdps import bandit, chain, exact_objective, exact_reward_to_go_surrogate
 from pg_lightning.policies import mlp_policy
 from pg_lightning.rollout import collect
@@ -36,17 +38,24 @@ class Samples:
     policy: torch.nn.Module
     batch: RolloutBatch
 
-    def estimates(self, estimator, value_fn=None, per_batch: int = EPISODES_PER_BATCH) -> torch.Tensor:
-        """``[M, P]``: one flattened gradient estimate per batch of ``per_batch`` episodes."""
+    def estimates(self, estimator, value_fn=None, per_batch: int = EPISODES_PER_BATCH, policy=None, off_policy=None) -> torch.Tensor:
+        """``[M, P]``: one flattened gradient estimate per batch of ``per_batch`` episodes.
+
+        ``policy`` is the policy whose gradient is estimated (default: the one that collected the data);
+        with another policy, ``off_policy`` says how the data's behaviour log-probs are used.
+        """
+        policy = policy or self.policy
         total = self.batch.num_envs // per_batch
         rows = []
         for i in range(total):
             part = self.batch.select_envs(slice(i * per_batch, (i + 1) * per_batch))
-            rows.append(torch.cat([g.flatten() for g in estimate_gradient(self.policy, part, estimator, value_fn)]))
+            grads = estimate_gradient(policy, part, estimator, value_fn, off_policy=off_policy)
+            rows.append(torch.cat([g.flatten() for g in grads]))
         return torch.stack(rows).double()
 
-    def exact(self, objective) -> torch.Tensor:
-        grads = torch.autograd.grad(objective(self.policy), list(self.policy.parameters()))
+    def exact(self, objective, policy=None) -> torch.Tensor:
+        policy = policy or self.policy
+        grads = torch.autograd.grad(objective(policy), list(policy.parameters()))
         return torch.cat([g.flatten() for g in grads])
 
 
@@ -180,3 +189,61 @@ def test_constant_reward_shift_raises_reinforce_variance_but_not_the_baselined_m
     unshifted_baselined = bandit_samples.estimates(E.baseline(1.0)).var(0).sum()
     assert baselined.var(0).sum() < shifted * (1 - VARIANCE_MARGIN)
     assert baselined.var(0).sum() < unshifted_baselined * (1 + VARIANCE_MARGIN) * 1.5
+
+
+# --- Off-policy (lecture §6): data of an older policy θ_b, the gradient at θ = θ_b + α Δ ---------------
+
+
+def moved_policy(samples: Samples, alpha: float) -> torch.nn.Module:
+    """The data's policy θ_b moved by α along a fixed random direction Δ (1.5 · N(0, 1) per parameter)."""
+    generator = torch.Generator().manual_seed(7)
+    policy = copy.deepcopy(samples.policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(alpha * 1.5 * torch.randn(p.shape, generator=generator))
+    return policy
+
+
+def off_policy_estimates(samples: Samples, alpha: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimates of ∇J(θ_α) from θ_b's episodes with ``kind``'s importance weights, and the exact ∇J(θ_α)."""
+    policy = moved_policy(samples, alpha)
+    estimates = samples.estimates(E.reward_to_go(1.0), policy=policy, off_policy=OffPolicy(kind=kind))
+    exact = samples.exact(lambda p: exact_objective(p, samples.mdp, 1.0), policy)
+    return estimates, exact
+
+
+def test_trajectory_importance_weights_give_an_unbiased_gradient_from_old_data(chain_samples):
+    estimates, exact = off_policy_estimates(chain_samples, 1.0, "trajectory")
+    assert_unbiased(estimates, exact)
+    # θ is far enough from θ_b for this to mean something: the same data without ratios is rejected.
+    unweighted = chain_samples.estimates(E.reward_to_go(1.0), policy=moved_policy(chain_samples, 1.0))
+    assert z_scores(unweighted, exact).max() > 2 * Z
+
+
+def test_a_flipped_ratio_is_caught_as_biased(chain_samples, monkeypatch):
+    """π_b/π_θ instead of π_θ/π_b: the unbiasedness check above must reject it."""
+    monkeypatch.setattr(F, "log_ratio", lambda logp, logp_behavior: logp_behavior - logp)
+    estimates, exact = off_policy_estimates(chain_samples, 1.0, "trajectory")
+    assert z_scores(estimates, exact).max() > 2 * Z
+
+
+def test_per_step_ratios_are_biased_and_the_bias_shrinks_as_theta_nears_the_behaviour_policy(chain_samples):
+    """§6.3: ignoring the state-distribution change biases the estimate by O(‖θ - θ_b‖).
+
+    Far from θ_b the bias is many standard errors; the same episodes give a bias that shrinks with α
+    and is within 4 SE of zero at α = 0.05 (α = 0 is the on-policy estimator, see test_off_policy.py).
+    """
+    norms = []
+    for alpha in (0.4, 0.2, 0.1, 0.05):
+        estimates, exact = off_policy_estimates(chain_samples, alpha, "per_step")
+        norms.append(float((estimates.mean(0) - exact).norm()))
+        if alpha == 0.4:
+            assert z_scores(estimates, exact).max() > 2 * Z
+    assert norms == sorted(norms, reverse=True), norms
+    assert_unbiased(estimates, exact)
+
+
+def test_per_step_ratios_have_lower_variance_than_trajectory_weights(chain_samples):
+    per_step, _ = off_policy_estimates(chain_samples, 1.0, "per_step")
+    trajectory, _ = off_policy_estimates(chain_samples, 1.0, "trajectory")
+    assert per_step.var(0).sum() < trajectory.var(0).sum() * (1 - VARIANCE_MARGIN)

@@ -32,7 +32,12 @@ overrides = st.fixed_dictionaries(
         "steps_per_env": mostly(st.integers(1, 40), st.integers(-2, 0)),
         "total_env_steps": mostly(st.integers(160, 400), st.integers(-1, 159)),
     },
-    optional={"estimator.gae_lambda": mostly(st.floats(0.0, 1.0), anything), "max_skipped_updates": st.integers(0, 3)},
+    optional={
+        "estimator.gae_lambda": mostly(st.floats(0.0, 1.0), anything),
+        "max_skipped_updates": st.integers(0, 3),
+        "off_policy": st.sampled_from(["none", "trajectory", "per_step", "clipped"]),
+        "off_policy.minibatches": mostly(st.integers(1, 3), st.integers(-1, 0)),
+    },
 )
 
 

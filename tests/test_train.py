@@ -17,7 +17,7 @@ from pg_lightning.run import ConfigError, train
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {
-    "env_id", "estimator", "seed", "world_size", "env_steps", "iterations", "wall_s", "env_steps_per_s",
+    "env_id", "estimator", "off_policy", "seed", "world_size", "env_steps", "iterations", "wall_s", "env_steps_per_s",
     "train_return_mean", "eval_return_mean", "reward_threshold", "solved", "solved_at_env_steps", "metrics_csv",
 }
 

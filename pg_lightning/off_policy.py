@@ -1,0 +1,165 @@
+"""Off-policy reuse with importance sampling (lecture §6): learn from batches that older policies collected.
+
+Every batch stores log π_b(a_t|s_t) of the policy that collected it (``RolloutBatch.logp_behavior``);
+the ratio ρ_t = π_θ(a_t|s_t) / π_b(a_t|s_t) is formed in one place, ``functional.log_ratio``. With Ψ_t the
+estimator's weights (computed from the stored rewards, exactly as on-policy) and N the number of
+trajectories, the kinds differ only in how ρ enters the pseudo-loss:
+
+    kind        loss                                                       lecture
+    none        -(1/N) Σ_t log π_θ(a_t|s_t) Ψ_t   (on-policy)              §7.2
+    trajectory  -(1/N) Σ_i w_i Σ_t log π_θ(a_it|s_it) Ψ_it,                §6.2
+                w_i = Π_t ρ_it = exp(Σ_t log ρ_it) held constant
+    per_step    -(1/N) Σ_t ρ_t Ψ_t                                         §6.3 (first order)
+    clipped     -(1/N) Σ_t min(ρ_t Ψ_t, clip(ρ_t, 1 - ε, 1 + ε) Ψ_t)        PPO (Schulman et al. 2017)
+
+Gradients: ∇[w_i Σ_t log π Ψ] with w_i constant is w_i Σ_t ∇log π Ψ, the §6.2 estimator, unbiased for
+whole trajectories; ∇ρ_t = ρ_t ∇log π_θ(a_t|s_t), so ``per_step`` is Σ_t ρ_t ∇log π Ψ_t, which ignores the
+change of the state distribution (biased unless θ = θ_b, lower variance). At θ = θ_b every ρ is 1 and each
+kind's gradient is the on-policy one. ``kl_coef`` β adds β · KL(π_b ‖ π_θ), estimated per step as
+(ρ - 1) - log ρ (non-negative, unbiased under π_b, zero gradient at θ = θ_b).
+
+A "trajectory" is a segment of the batch (``functional.segment_ids``): with value presets an episode cut by
+the batch end is weighted by the ratios of its steps inside the batch only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributions import Distribution
+
+from pg_lightning import functional as F
+from pg_lightning.batch import RolloutBatch
+from pg_lightning.estimators import EstimatorOutput
+from pg_lightning.validation import non_negative, non_negative_int, positive_int, positive_number, require
+
+OffPolicyKind = Literal["none", "trajectory", "per_step", "clipped"]
+KINDS = ("none", "trajectory", "per_step", "clipped")
+
+
+@dataclass(frozen=True)
+class OffPolicy:
+    """How past data is reused: the importance-sampling kind and the replay schedule.
+
+    Each iteration collects one batch, keeps it with the ``reuse_batches`` batches before it, and takes
+    ``updates_per_batch`` passes over all of them; each pass splits every batch into ``minibatches``
+    groups of envs (whole trajectories stay together) and takes one optimizer step per group.
+
+    Args:
+        kind: ``none`` (on-policy), ``trajectory``, ``per_step`` or ``clipped`` (see the module docstring).
+        clip_ratio: ε of ``clipped``.
+        truncate: ``trajectory`` only: cap each trajectory weight at this value.
+        self_normalize: ``trajectory`` only: divide by Σ_i w_i instead of N (weighted importance sampling).
+        kl_coef: β of the KL(π_b ‖ π_θ) penalty, any importance-sampled kind.
+        reuse_batches: how many past batches are kept and replayed next to the new one.
+        updates_per_batch: passes over the kept batches per collected batch.
+        minibatches: optimizer steps per batch and pass (the batch's envs split into this many groups).
+    """
+
+    kind: OffPolicyKind = "none"
+    clip_ratio: float = 0.2
+    truncate: float | None = None
+    self_normalize: bool = False
+    kl_coef: float = 0.0
+    reuse_batches: int = 0
+    updates_per_batch: int = 1
+    minibatches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"off_policy.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        require("off_policy.clip_ratio", self.clip_ratio, positive_number, "a positive number")
+        require("off_policy.kl_coef", self.kl_coef, non_negative, "a non-negative number")
+        require("off_policy.reuse_batches", self.reuse_batches, non_negative_int, "a non-negative integer")
+        require("off_policy.updates_per_batch", self.updates_per_batch, positive_int, "a positive integer")
+        require("off_policy.minibatches", self.minibatches, positive_int, "a positive integer")
+        if self.truncate is not None:
+            require("off_policy.truncate", self.truncate, positive_number, "a positive number or null")
+        if self.kind != "trajectory" and (self.truncate is not None or self.self_normalize):
+            key = "truncate" if self.truncate is not None else "self_normalize"
+            raise ValueError(f"off_policy.{key} is only used with off_policy.kind=trajectory, got kind={self.kind!r}")
+        if self.kind == "none":
+            for key, default in (("reuse_batches", 0), ("updates_per_batch", 1), ("minibatches", 1), ("kl_coef", 0.0)):
+                if getattr(self, key) != default:
+                    raise ValueError(
+                        f"off_policy.{key}={getattr(self, key)} needs an importance-sampled off_policy.kind "
+                        "(trajectory, per_step or clipped): the on-policy loss is only right on data of the current policy"
+                    )
+
+    @property
+    def reuses_data(self) -> bool:
+        """True when any step is taken on data that an older policy collected."""
+        return self.kind != "none"
+
+
+@dataclass
+class ImportanceLoss:
+    """``loss`` to differentiate, plus what is logged: ``ess`` (fraction), ``approx_kl``, ``clip_fraction``."""
+
+    loss: torch.Tensor
+    dist: Distribution
+    logp: torch.Tensor
+    ess: torch.Tensor
+    approx_kl: torch.Tensor
+    clip_fraction: torch.Tensor
+
+
+def importance_loss(
+    policy: nn.Module, batch: RolloutBatch, estimate: EstimatorOutput, off_policy: OffPolicy
+) -> ImportanceLoss:
+    """The importance-weighted pseudo-loss of ``off_policy.kind`` on ``batch`` (``[T, B]``), see the module doc.
+
+    ``estimate`` holds Ψ, the mask of used steps, the segment ids and N for this batch (from the estimator).
+    """
+    dist = policy(batch.obs[:-1])
+    logp = dist.log_prob(batch.act)  # [T, B]
+    log_rho = F.log_ratio(logp, batch.logp_behavior)
+    mask, weights = estimate.mask, estimate.weights.detach()
+    used = mask.to(logp.dtype)
+    count = max(float(estimate.num_segments), 1.0)
+    rho = log_rho.exp()
+    clip_fraction = logp.new_zeros(())
+    if off_policy.kind == "trajectory":
+        segments = torch.where(mask, estimate.segments, torch.full_like(estimate.segments, -1))
+        num_segments = int(estimate.segments.max()) + 1 if estimate.segments.numel() else 0
+        log_w = F.segment_sum(log_rho.detach() * used, segments, num_segments)
+        present = F.segment_sum(used, segments, num_segments) > 0
+        w = F.trajectory_weights(log_w[present], off_policy.truncate, off_policy.self_normalize)
+        step_w = torch.zeros(num_segments, dtype=torch.float64, device=logp.device)
+        step_w[present] = w
+        step_w = step_w[segments.clamp(min=0)].to(logp.dtype) * used  # [T, B]
+        total = (logp * weights * step_w).sum()
+        loss = -total if off_policy.self_normalize else -total / count
+        ess = F.effective_sample_size(F.trajectory_weights(log_w[present], off_policy.truncate, self_normalize=True))
+    else:
+        if off_policy.kind == "clipped":
+            eps = off_policy.clip_ratio
+            terms = torch.minimum(rho * weights, rho.clamp(1 - eps, 1 + eps) * weights)
+            clip_fraction = F.masked_mean(((rho - 1).abs() > eps).to(logp.dtype), mask).detach()
+        elif off_policy.kind == "per_step":
+            terms = rho * weights
+        else:  # on-policy: ρ = 1 in value, log π in the gradient
+            terms = logp * weights
+        loss = -(terms * used).sum() / count
+        ess = F.effective_sample_size(rho.detach()[mask])
+    kl = F.masked_mean((rho - 1) - log_rho, batch.valid)  # KL(π_b ‖ π_θ) estimate, ≥ 0 per step
+    if off_policy.kl_coef > 0:
+        loss = loss + off_policy.kl_coef * kl
+    return ImportanceLoss(loss, dist, logp, ess.to(logp.dtype), kl.detach(), clip_fraction)
+
+
+def select_estimate(estimate: EstimatorOutput, envs: torch.Tensor) -> EstimatorOutput:
+    """``estimate`` restricted to the env columns ``envs``, with N recounted for those columns."""
+    mask = estimate.mask[:, envs]
+    segments = estimate.segments[:, envs]
+    num_segments = torch.unique(segments[mask]).numel()
+    return EstimatorOutput(
+        weights=estimate.weights[:, envs],
+        mask=mask,
+        segments=segments,
+        num_segments=torch.tensor(num_segments, device=mask.device),
+        value_targets=None if estimate.value_targets is None else estimate.value_targets[:, envs],
+    )
