@@ -5,7 +5,7 @@
 
 Solved = the mean of 20 deterministic evaluation episodes reaches 475 (pg_lightning evaluates every 2
 iterations, SB3 every 4096 env steps). Each run is a fresh process timed from start to exit (imports
-included); for each seed the four commands run one after another, so noise spreads over all of them.
+included); for each seed the commands run one after another, so noise spreads over all of them.
 Prints a table (medians over seeds) and writes JSON.
 """
 
@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = {
     "pg_lightning default": [],
     "pg_lightning +experiment=fast_cartpole": ["+experiment=fast_cartpole"],
+    "pg_lightning off_policy=clipped": ["off_policy=clipped"],
+    "pg_lightning off_policy=clipped env.num_envs=8": ["off_policy=clipped", "env.num_envs=8"],
 }
 SB3 = {"SB3 A2C (rl-zoo)": "a2c", "SB3 PPO (rl-zoo)": "ppo"}
 

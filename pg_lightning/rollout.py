@@ -79,7 +79,6 @@ class RolloutCollector:
         self._reset_next = np.zeros(num_envs, dtype=bool)
         self._ep_return = np.zeros(num_envs)
         self._ep_disc_return = np.zeros(num_envs)
-        self._ep_discount = np.ones(num_envs)
         self._ep_length = np.zeros(num_envs, dtype=np.int64)
 
     @torch.no_grad()
@@ -91,9 +90,6 @@ class RolloutCollector:
         num_steps = self.steps_per_env if num_steps is None else num_steps
         num_envs = self.envs.num_envs
         obs_shape = self.envs.single_observation_space.shape
-        obs = torch.empty((num_steps + 1, num_envs, *obs_shape), dtype=torch.float32, device=device)
-        logp = torch.empty((num_steps, num_envs), dtype=torch.float32, device=device)
-        act: torch.Tensor | None = None
         rew = np.zeros((num_steps, num_envs), dtype=np.float32)
         terminated = np.zeros((num_steps, num_envs), dtype=bool)
         truncated = np.zeros((num_steps, num_envs), dtype=bool)
@@ -102,66 +98,99 @@ class RolloutCollector:
         length_before = torch.as_tensor(self._ep_length.copy())
 
         action_space = self.envs.single_action_space
+        # Per step only what the step needs: numpy stores and list appends, no torch indexing.
+        obs_np = np.empty((num_steps + 1, num_envs, *obs_shape), dtype=np.float32)
+        actions, logps = [], []
         for t in range(num_steps):
-            obs_t = torch.as_tensor(self._obs, device=device)
-            obs[t] = obs_t
-            dist = policy(obs_t)
+            obs_np[t] = self._obs
+            dist = policy(torch.as_tensor(self._obs, device=device))
             action = dist.sample()
-            logp[t] = dist.log_prob(action)
-            if act is None:
-                act = torch.empty((num_steps, *action.shape), dtype=action.dtype, device=device)
-            act[t] = action
+            logps.append(_log_prob(dist, action))
+            actions.append(action)
             env_action = to_env_action(action.cpu().numpy(), action_space)
             try:
                 self._obs, reward, term, trunc, _ = self.envs.step(env_action)
             except Exception as error:
                 raise EnvStepError(
-                    f"environment {self.name} raised at env step {self.env_steps} "
+                    f"environment {self.name} raised at env step {self.env_steps + int(valid[:t].sum())} "
                     f"(step {t} of this batch): {type(error).__name__}: {error}"
                 ) from error
             # Raw env outputs now; the reset-step masks are applied to whole arrays after the loop.
             rew[t], terminated[t], truncated[t] = reward, term, trunc
-            valid_t = ~self._reset_next
-            valid[t] = valid_t
+            valid[t] = ~self._reset_next
             self._reset_next = term | trunc
-            self._track_episodes(reward, valid_t, self._reset_next & valid_t)
-        obs[num_steps] = torch.as_tensor(self._obs, device=device)
+        obs_np[num_steps] = self._obs
         rew *= valid
         terminated &= valid
         truncated &= valid
+        self._track_episodes(rew, valid, terminated | truncated)
 
-        assert act is not None
         return RolloutBatch(
-            obs=obs,
-            act=act,
+            obs=torch.from_numpy(obs_np).to(device),
+            act=torch.stack(actions),
             rew=torch.from_numpy(rew).to(device),
             terminated=torch.from_numpy(terminated).to(device),
             truncated=torch.from_numpy(truncated).to(device),
             valid=torch.from_numpy(valid).to(device),
-            logp_behavior=logp,
+            logp_behavior=torch.stack(logps),
             return_before=return_before.to(device),
             length_before=length_before.to(device),
         )
 
-    def _track_episodes(self, reward: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
-        """Accumulate the running episodes; record and restart those that ended at this step."""
-        reward = reward * valid  # a reset step earns nothing
+    def _track_episodes(self, rew: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
+        """Continue the running episodes through a batch ``[T, B]``; record those that ended in it.
+
+        After the loop, not per step: running sums over time give each finished episode's return and
+        length (the first one of env b adds what its episode had before the batch, ``_ep_return`` and
+        ``_ep_length``); the steps after env b's last ``done`` run on into the next batch. Their
+        discounted return-so-far Σ_k γ^k r_k (k from the episode's first step) is the reward-to-go at the
+        tail's first step, times γ^(steps before this batch) when the episode began earlier.
+        """
+        num_steps, num_envs = rew.shape
+        envs = np.arange(num_envs)
         self.env_steps += int(valid.sum())
-        self._ep_return += reward
-        self._ep_disc_return += self._ep_discount * reward
-        self._ep_discount *= np.where(valid, self.gamma, 1.0)
-        self._ep_length += valid
-        if done.any():
-            ended = np.flatnonzero(done)
-            self.episodes.returns.extend(self._ep_return[ended].tolist())
-            self.episodes.lengths.extend(self._ep_length[ended].tolist())
-            self._ep_return[ended] = 0.0
-            self._ep_disc_return[ended] = 0.0
-            self._ep_discount[ended] = 1.0
-            self._ep_length[ended] = 0
+        # torch's cumsum over time is several times faster than numpy's on [T, B] (zero-copy views).
+        cum_return = torch.from_numpy(rew).cumsum(0, dtype=torch.float64).numpy()  # [T, B]
+        cum_length = torch.from_numpy(valid).cumsum(0).numpy()
+        ended_env, ended_t = np.nonzero(done.T)  # env by env, in time order
+        first = np.ones(len(ended_env), dtype=bool)
+        first[1:] = ended_env[1:] != ended_env[:-1]
+        previous = np.concatenate([[0], ended_t[:-1]])
+        returns = cum_return[ended_t, ended_env] - np.where(first, 0.0, cum_return[previous, ended_env])
+        lengths = cum_length[ended_t, ended_env] - np.where(first, 0, cum_length[previous, ended_env])
+        returns += np.where(first, self._ep_return[ended_env], 0.0)
+        lengths += np.where(first, self._ep_length[ended_env], 0)
+        self.episodes.returns.extend(returns.tolist())
+        self.episodes.lengths.extend(lengths.tolist())
+        # The tail: steps after the last done (the whole column if there is none).
+        last_done = np.full(num_envs, -1)
+        last_done[ended_env] = ended_t  # ended_t increases within an env, so the last write is the last done
+        any_done = last_done >= 0
+        at_last_done = np.maximum(last_done, 0)
+        tail_return = cum_return[-1] - np.where(any_done, cum_return[at_last_done, envs], 0.0)
+        tail_length = cum_length[-1] - np.where(any_done, cum_length[at_last_done, envs], 0)
+        # Reward-to-go that passes over reset steps, so that its value at a tail's start is Σ_k γ^k r_k.
+        to_go = np.zeros((num_steps + 1, num_envs))
+        for t in range(num_steps - 1, -1, -1):
+            to_go[t] = np.where(valid[t], rew[t] + self.gamma * ~done[t] * to_go[t + 1], to_go[t + 1])
+        tail_discounted = to_go[last_done + 1, envs]
+        began_before = ~any_done
+        self._ep_disc_return = np.where(
+            began_before, self._ep_disc_return + self.gamma ** self._ep_length * tail_discounted, tail_discounted
+        )
+        self._ep_return = np.where(began_before, self._ep_return, 0.0) + tail_return
+        self._ep_length = np.where(began_before, self._ep_length, 0) + tail_length
 
     def close(self) -> None:
         self.envs.close()
+
+
+def _log_prob(dist: torch.distributions.Distribution, action: torch.Tensor) -> torch.Tensor:
+    """log π(a|s) of the sampled actions; for a Categorical, the gather its ``log_prob`` does, without the
+    broadcasting (the same numbers, a few µs less per step of the rollout loop)."""
+    if type(dist) is torch.distributions.Categorical:
+        return dist.logits.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+    return dist.log_prob(action)
 
 
 class RolloutDataset(IterableDataset):
