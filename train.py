@@ -13,6 +13,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from pg_lightning.module import NonFiniteUpdatesError
@@ -32,6 +33,8 @@ def main(cfg: DictConfig) -> None:
         # The run stopped cleanly: last.ckpt and summary.json (with the full traceback) are in the run dir.
         print(f"error: {error}\nsaved: {run_dir}/last.ckpt and {run_dir}/summary.json (status failed)", file=sys.stderr)
         sys.exit(1)
+    if rank_zero_only.rank != 0:
+        return  # the other processes of a multi-process run
     print(
         f"{summary['status']}: {summary['env_id']} {summary['estimator']} seed={summary['seed']} "
         f"env_steps={summary['env_steps']} eval_return_mean={summary['eval_return_mean']} "

@@ -141,8 +141,7 @@ class RunSummary(Callback):
         self._write(trainer, _pg_module(pl_module), "interrupted" if interrupted else "failed", error=error)
 
     def _write(self, trainer: Trainer, module: PolicyGradientModule, status: str, error: str | None = None) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Every rank keeps the summary (train() returns it); only rank 0 writes the file.
         wall_s = time.perf_counter() - self._start if self._start is not None else math.nan
         evaluation = self.evaluation
         summary = {
@@ -168,7 +167,8 @@ class RunSummary(Callback):
             summary["error"] = error.strip().splitlines()[-1]
             summary["traceback"] = error
         self.summary = summary
-        write_json_atomic(self.path, summary)
+        if trainer.is_global_zero:
+            write_json_atomic(self.path, summary)
 
 
 class CrashSafeCheckpoint(Callback):

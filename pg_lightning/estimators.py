@@ -31,7 +31,7 @@ batch) that have a used step; for a batch of whole episodes it is the number of 
 
 Batch baselines (``average``, ``optimal``) leave the weighted trajectory out of their own average, so
 they are independent of its actions and the estimate stays unbiased; every statistic they use is a sum
-over trajectories, which a multi-process run can all-reduce.
+over trajectories, which a multi-process run all-reduces (``distributed.Reduction``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import torch
 
 from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
+from pg_lightning.distributed import LOCAL, Reduction
 from pg_lightning.validation import positive_int, positive_number, require, unit_interval
 
 BaselineKind = Literal["none", "average", "optimal", "value"]
@@ -137,8 +138,14 @@ class Estimator:
     def needs_value(self) -> bool:
         return self.baseline == "value"
 
-    def __call__(self, batch: RolloutBatch, values: torch.Tensor | None = None) -> EstimatorOutput:
-        """Weights Ψ, mask, segments and N for ``batch``; ``values`` is V_φ(obs) ``[T + 1, B]`` if needed."""
+    def __call__(
+        self, batch: RolloutBatch, values: torch.Tensor | None = None, reduction: Reduction = LOCAL
+    ) -> EstimatorOutput:
+        """Weights Ψ, mask, segments and N for ``batch``; ``values`` is V_φ(obs) ``[T + 1, B]`` if needed.
+
+        With several processes, ``reduction`` makes the batch statistics (baseline totals, normalisation,
+        N) those of the whole batch over all ranks.
+        """
         done = batch.done
         segments = F.segment_ids(batch.valid, done)
         value_targets = None
@@ -160,15 +167,15 @@ class Estimator:
                     batch.rew, done, batch.valid, self.gamma, batch.return_before, batch.length_before
                 )
             if self.baseline == "average":
-                weights = weights - F.leave_one_out_mean(weights, mask, segments)
+                weights = weights - F.leave_one_out_mean(weights, mask, segments, reduction)
         if self.normalize:
-            weights = F.standardize(weights, mask)
-        num_segments = torch.unique(segments[mask]).numel()
+            weights = F.standardize(weights, mask, reduction=reduction)
+        num_segments = reduction.sum(torch.tensor(torch.unique(segments[mask]).numel(), device=weights.device))
         return EstimatorOutput(
             weights=weights * mask,
             mask=mask,
             segments=segments,
-            num_segments=torch.tensor(num_segments, device=weights.device),
+            num_segments=num_segments,
             value_targets=value_targets,
         )
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from pg_lightning.distributed import LOCAL, Reduction
+
 
 def reward_to_go(rew: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
     """Discounted reward-to-go within each episode (lecture §5.1).
@@ -121,7 +123,7 @@ def log_ratio(logp: torch.Tensor, logp_behavior: torch.Tensor) -> torch.Tensor:
 
 
 def trajectory_weights(
-    log_weights: torch.Tensor, truncate: float | None = None, self_normalize: bool = False
+    log_weights: torch.Tensor, truncate: float | None = None, self_normalize: bool = False, reduction: Reduction = LOCAL
 ) -> torch.Tensor:
     """Importance weights w_i = Π_t ρ_it = exp(Σ_t log ρ_it) of whole trajectories, from their log (§6.2).
 
@@ -130,6 +132,7 @@ def trajectory_weights(
         truncate: if set, w_i ← min(w_i, truncate) (truncated importance sampling, applied in log space).
         self_normalize: return w_i / Σ_j w_j (weighted importance sampling): the weights sum to 1.
             The largest log-weight is subtracted before ``exp``, so this never overflows or gives 0/0.
+            Max and Σ are taken over all processes by ``reduction``.
 
     Returns:
         ``[N]`` float64 weights (float64 so that products over 500-step episodes stay representable).
@@ -138,18 +141,23 @@ def trajectory_weights(
     if truncate is not None:
         log_weights = log_weights.clamp(max=math.log(truncate))
     if self_normalize:
-        return torch.softmax(log_weights, dim=0)
+        local_max = log_weights.max() if log_weights.numel() else log_weights.new_tensor(-torch.inf)
+        shifted = (log_weights - reduction.max(local_max)).exp()
+        return shifted / reduction.sum(shifted.sum())
     return log_weights.exp()
 
 
-def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+def effective_sample_size(weights: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
     """Kish's effective sample size as a fraction of the sample: (Σ w)² / (n Σ w²) ∈ (0, 1].
 
     1 when all weights are equal (on-policy data); 1/n when one sample carries all the weight.
+    n, Σ w and Σ w² are summed over all processes by ``reduction``.
     """
     weights = weights.double()
-    n = max(weights.numel(), 1)
-    return weights.sum() ** 2 / (n * (weights**2).sum()).clamp(min=torch.finfo(torch.float64).tiny)
+    n, total, squares = reduction.sum(
+        torch.stack([weights.new_tensor(float(weights.numel())), weights.sum(), (weights**2).sum()])
+    )
+    return total**2 / (n.clamp(min=1) * squares).clamp(min=torch.finfo(torch.float64).tiny)
 
 
 def segment_ids(valid: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
@@ -172,22 +180,26 @@ def segment_sum(values: torch.Tensor, ids: torch.Tensor, num_segments: int) -> t
     return values.new_zeros(num_segments).index_add(0, ids[keep], values[keep])
 
 
-def leave_one_out_mean(values: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def leave_one_out_mean(
+    values: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, reduction: Reduction = LOCAL
+) -> torch.Tensor:
     """``[T, B]``: for each step, the mean of ``values`` over the used steps of *other* segments.
 
         b_i = (Σ_j S_j - S_i) / (Σ_j n_j - n_i),   S_i, n_i = sum and count of segment i's used steps
 
     Leaving the step's own trajectory out keeps a batch baseline independent of the actions it
     weights, so the estimator stays unbiased (lecture §5.2: E[∇ log π · b] = 0 needs b independent of a).
-    Both totals are sums, so they can be reduced across processes. 0 where no other segment has a used step.
+    Both totals are sums: ``reduction`` makes them totals over all processes. 0 where no other segment has a
+    used step.
     """
     num_segments = int(ids.max()) + 1 if ids.numel() else 0
     used_ids = torch.where(mask, ids, torch.full_like(ids, -1))
     seg_sum = segment_sum(values * mask, used_ids, num_segments)
     seg_count = segment_sum(mask.to(values.dtype), used_ids, num_segments)
     own = ids.clamp(min=0)
-    others_sum = seg_sum.sum() - seg_sum[own]
-    others_count = seg_count.sum() - seg_count[own]
+    total_sum, total_count = reduction.sum(torch.stack([seg_sum.sum(), seg_count.sum()]))
+    others_sum = total_sum - seg_sum[own]
+    others_count = total_count - seg_count[own]
     return torch.where(others_count > 0, others_sum / others_count.clamp(min=1), torch.zeros_like(values))
 
 
@@ -221,14 +233,19 @@ def generalized_advantages(
     return out
 
 
-def standardize(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(values - mean) / std`` over the masked steps (advantage normalisation); 0 off the mask."""
-    mean = masked_mean(values, mask)
-    std = masked_mean((values - mean) ** 2, mask).sqrt()
-    return (values - mean) / (std + eps) * mask
+def standardize(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduction: Reduction = LOCAL) -> torch.Tensor:
+    """``(values - mean) / std`` over the masked steps (advantage normalisation); 0 off the mask.
+
+    Mean and variance come from the sums (n, Σx, Σ(x - shift)²) reduced over all processes.
+    """
+    used = mask.to(values.dtype)
+    count, total = reduction.sum(torch.stack([used.sum(), (values * used).sum()]))
+    mean = total / count.clamp(min=1)
+    variance = reduction.sum(((values - mean) ** 2 * used).sum()) / count.clamp(min=1)
+    return (values - mean) / (variance.sqrt() + eps) * mask
 
 
-def optimal_baseline(scores: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+def optimal_baseline(scores: torch.Tensor, returns: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
     """Per-parameter optimal baseline of lecture §5.2, leave-one-out: ``[N, P]``.
 
         b*_k = E[g_k² R] / E[g_k²],   g = Σ_t ∇_θ log π(a_t|s_t) of one trajectory
@@ -236,11 +253,13 @@ def optimal_baseline(scores: torch.Tensor, returns: torch.Tensor) -> torch.Tenso
     For trajectory i, both expectations are taken over the *other* trajectories (so b is independent
     of trajectory i's actions and the estimate stays unbiased). ``scores`` is ``[N, P]`` (g per
     trajectory), ``returns`` ``[N]`` (R per trajectory). Where Σ_{j≠i} g_jk² = 0 the baseline is 0.
+    The sums over trajectories are reduced over all processes by ``reduction``.
     """
     g2 = scores**2
     g2r = g2 * returns[:, None]
-    others_g2 = g2.sum(0, keepdim=True) - g2
-    others_g2r = g2r.sum(0, keepdim=True) - g2r
+    total_g2, total_g2r = reduction.sum(torch.stack([g2.sum(0), g2r.sum(0)]))
+    others_g2 = total_g2 - g2
+    others_g2r = total_g2r - g2r
     return torch.where(others_g2 > 0, others_g2r / others_g2.clamp(min=torch.finfo(g2.dtype).tiny), torch.zeros_like(g2))
 
 

@@ -15,6 +15,7 @@ from torch.func import functional_call, grad, vmap
 
 from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
+from pg_lightning.distributed import LOCAL, Reduction
 from pg_lightning.estimators import Estimator, EstimatorOutput
 from pg_lightning.off_policy import OffPolicy, importance_loss
 
@@ -34,7 +35,11 @@ class PolicyLoss:
 
 
 def policy_loss(
-    policy: nn.Module, batch: RolloutBatch, estimator: Estimator, values: torch.Tensor | None = None
+    policy: nn.Module,
+    batch: RolloutBatch,
+    estimator: Estimator,
+    values: torch.Tensor | None = None,
+    reduction: Reduction = LOCAL,
 ) -> PolicyLoss:
     """The pseudo-loss -(1/N) Σ_i Σ_t log π_θ(a_it|s_it) Ψ_it of ``estimator`` on ``batch``.
 
@@ -43,22 +48,24 @@ def policy_loss(
         batch: a rollout batch (``[T, B]``).
         estimator: gives Ψ, the mask of used steps and N.
         values: V_φ(obs) ``[T + 1, B]`` for estimators with a value baseline.
+        reduction: with several processes, makes the estimator's batch statistics and N global; each
+            rank's loss is then its share -(1/N) Σ_{its steps} of the whole batch's pseudo-loss.
 
     With the per-parameter optimal baseline the gradient is not that of any scalar-weighted
     pseudo-loss, so the loss is the linear surrogate -Σ_k θ_k ĝ_k (ĝ a constant), whose gradient is -ĝ.
     """
     dist = policy(batch.obs[:-1])
     logp = dist.log_prob(batch.act)  # [T, B]
-    estimate = estimator(batch, values)
+    estimate = estimator(batch, values, reduction)
     if estimator.baseline == "optimal":
-        loss = _optimal_baseline_surrogate(policy, batch, logp, estimate)
+        loss = _optimal_baseline_surrogate(policy, batch, logp, estimate, reduction)
     else:
         loss = F.pseudo_loss(logp, estimate.weights, estimate.mask, estimate.num_segments)
     return PolicyLoss(loss=loss, dist=dist, logp=logp, estimate=estimate)
 
 
 def _optimal_baseline_surrogate(
-    policy: nn.Module, batch: RolloutBatch, logp: torch.Tensor, estimate: EstimatorOutput
+    policy: nn.Module, batch: RolloutBatch, logp: torch.Tensor, estimate: EstimatorOutput, reduction: Reduction
 ) -> torch.Tensor:
     """ĝ_k = (1/N) Σ_i g_ik (R_i - b*_ik) with g_i = Σ_t ∇ log π of trajectory i (lecture §5.2).
 
@@ -87,7 +94,7 @@ def _optimal_baseline_surrogate(
     steps = F.segment_sum(estimate.mask.to(logp.dtype), segments, num_segments)
     # R(τ) is the same at every step of a trajectory: its segment mean recovers it.
     returns = F.segment_sum(estimate.weights, segments, num_segments) / steps.clamp(min=1)
-    baseline = F.optimal_baseline(scores, returns)
+    baseline = F.optimal_baseline(scores, returns, reduction)
     ascent = (scores * (returns[:, None] - baseline)).sum(0) / estimate.num_segments.clamp(min=1)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # same order as ``names``
     return -sum((p * g).sum() for p, g in zip(trainable, F.unflatten_like(ascent, trainable)))
@@ -99,12 +106,14 @@ def estimate_gradient(
     estimator: Estimator,
     value_fn: nn.Module | None = None,
     off_policy: OffPolicy | None = None,
+    reduction: Reduction = LOCAL,
 ) -> list[torch.Tensor]:
     """The estimate of ∇_θ J (ascent direction) that ``estimator`` gives on ``batch``: one tensor per parameter.
 
     Same code path as training: ``policy_loss``, or with an importance-sampled ``off_policy`` kind
     ``off_policy.importance_loss`` on the whole batch (the batch may come from another policy: its
-    ``logp_behavior``). ``value_fn`` is V_φ for value-baseline estimators.
+    ``logp_behavior``). ``value_fn`` is V_φ for value-baseline estimators. With several processes and a
+    ``reduction``, each rank returns its share; their sum over ranks is the whole batch's estimate.
     """
     values = None
     if estimator.needs_value:
@@ -114,8 +123,8 @@ def estimate_gradient(
             values = value_fn(batch.obs)
     params = [p for p in policy.parameters() if p.requires_grad]
     if off_policy is not None and off_policy.reuses_data:
-        loss = importance_loss(policy, batch, estimator(batch, values), off_policy).loss
+        loss = importance_loss(policy, batch, estimator(batch, values, reduction), off_policy, reduction).loss
     else:
-        loss = policy_loss(policy, batch, estimator, values).loss
+        loss = policy_loss(policy, batch, estimator, values, reduction).loss
     grads = torch.autograd.grad(-loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]

@@ -19,6 +19,7 @@ so Lightning's ``gradient_clip_val`` does not apply.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -27,12 +28,14 @@ from functools import partial
 import gymnasium as gym
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.accelerators import CPUAccelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.diagnostics import gradient_statistics, sub_batch_gradients
 from pg_lightning.envs import VectorEnvFactory, check_action_space
+from pg_lightning.distributed import LOCAL, reduction_for
 from pg_lightning.estimators import Estimator
 from pg_lightning.functional import masked_mean
 from pg_lightning.gradient import policy_loss
@@ -115,6 +118,7 @@ class PolicyGradientModule(LightningModule):
         self.skipped_updates = 0
         self._skipped_in_a_row = 0
         self.collector: RolloutCollector | None = None
+        self.reduction = LOCAL  # all-reduces of batch statistics once a multi-process run is set up
         self.last_batch: RolloutBatch | None = None
         self.last_policy_loss = None
         # Run counters over all ranks (the budget and summary.json use these).
@@ -148,6 +152,10 @@ class PolicyGradientModule(LightningModule):
         # rank is known (ARCHITECTURE.md traps 2 and 5).
         if self.collector is None:
             rank = self.global_rank
+            self.reduction = reduction_for(self.trainer.world_size)
+            if self.reduction.world_size > 1 and isinstance(self.trainer.accelerator, CPUAccelerator):
+                # W processes on the same cores: torch's intra-op threads would oversubscribe them.
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.trainer.num_devices))
             self.collector = RolloutCollector(
                 self.env.make(),
                 self.steps_per_env,
@@ -189,12 +197,12 @@ class PolicyGradientModule(LightningModule):
         if self.off_policy.reuses_data:
             estimate, loss, entropy = self._replay_updates(batch, values, optimizers[0], metrics)
         else:
-            result = policy_loss(self.policy, batch, self.estimator, values)
+            result = policy_loss(self.policy, batch, self.estimator, values, self.reduction)
             estimate, loss = result.estimate, result.loss
             # Kept for optimizer callbacks (NaturalGradient needs the batch's states and weights).
             self.last_batch, self.last_policy_loss = batch, result
             # When no step has a known weight (no episode ended, no value to bootstrap) there is nothing to learn.
-            if bool(estimate.mask.any()):
+            if self.reduction.any(bool(estimate.mask.any()), self.device):
                 self._guarded_step(optimizers[0], loss, self.policy)
             with torch.no_grad():
                 entropy = masked_mean(result.dist.entropy(), batch.valid)
@@ -215,15 +223,15 @@ class PolicyGradientModule(LightningModule):
         kept = []
         for old in self.replay:
             old_values = values if old is batch else self._values(old)
-            kept.append((old, self.estimator(old, old_values)))
+            kept.append((old, self.estimator(old, old_values, self.reduction)))
         losses, ess, kl, clipped = [], [], [], []
         for _ in range(self.off_policy.updates_per_batch):
             for data, estimate in kept:
                 for envs in torch.randperm(data.num_envs).chunk(self.off_policy.minibatches):
-                    part = select_estimate(estimate, envs)
-                    if not bool(part.mask.any()):
+                    part = select_estimate(estimate, envs, self.reduction)
+                    if not self.reduction.any(bool(part.mask.any()), self.device):
                         continue
-                    result = importance_loss(self.policy, data.select_envs(envs), part, self.off_policy)
+                    result = importance_loss(self.policy, data.select_envs(envs), part, self.off_policy, self.reduction)
                     self._guarded_step(optimizer, result.loss, self.policy)
                     losses.append(result.loss.detach())
                     ess.append(result.ess)
@@ -244,11 +252,16 @@ class PolicyGradientModule(LightningModule):
             return self.value_fn(batch.obs)
 
     def _guarded_step(self, optimizer, loss: torch.Tensor, model: nn.Module) -> bool:
-        """One optimizer step on ``loss``, skipped if the loss or any gradient is not finite."""
+        """One optimizer step on ``loss``, skipped if the loss or any gradient is not finite.
+
+        With W processes, a policy loss is this rank's share of the batch's pseudo-loss (global N), and
+        DDP averages gradients, so it is scaled by W; whether to step is decided by all ranks together
+        (a backward is a collective: one rank skipping it alone would hang the others).
+        """
         optimizer.zero_grad()
-        finite = bool(torch.isfinite(loss))
+        finite = not self.reduction.any(not bool(torch.isfinite(loss)), self.device)
         if finite:
-            self.manual_backward(loss)
+            self.manual_backward(loss * self.reduction.world_size if model is self.policy else loss)
             finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
         if finite:
             optimizer.step()

@@ -33,6 +33,7 @@ from torch.distributions import Distribution
 
 from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
+from pg_lightning.distributed import LOCAL, Reduction
 from pg_lightning.estimators import EstimatorOutput
 from pg_lightning.validation import non_negative, non_negative_int, positive_int, positive_number, require
 
@@ -108,11 +109,12 @@ class ImportanceLoss:
 
 
 def importance_loss(
-    policy: nn.Module, batch: RolloutBatch, estimate: EstimatorOutput, off_policy: OffPolicy
+    policy: nn.Module, batch: RolloutBatch, estimate: EstimatorOutput, off_policy: OffPolicy, reduction: Reduction = LOCAL
 ) -> ImportanceLoss:
     """The importance-weighted pseudo-loss of ``off_policy.kind`` on ``batch`` (``[T, B]``), see the module doc.
 
     ``estimate`` holds Ψ, the mask of used steps, the segment ids and N for this batch (from the estimator).
+    ``reduction`` makes Σ w of self-normalised weights, the ESS and the KL estimate global over processes.
     """
     dist = policy(batch.obs[:-1])
     logp = dist.log_prob(batch.act)  # [T, B]
@@ -127,13 +129,15 @@ def importance_loss(
         num_segments = int(estimate.segments.max()) + 1 if estimate.segments.numel() else 0
         log_w = F.segment_sum(log_rho.detach() * used, segments, num_segments)
         present = F.segment_sum(used, segments, num_segments) > 0
-        w = F.trajectory_weights(log_w[present], off_policy.truncate, off_policy.self_normalize)
+        w = F.trajectory_weights(log_w[present], off_policy.truncate, off_policy.self_normalize, reduction)
         step_w = torch.zeros(num_segments, dtype=torch.float64, device=logp.device)
         step_w[present] = w
         step_w = step_w[segments.clamp(min=0)].to(logp.dtype) * used  # [T, B]
         total = (logp * weights * step_w).sum()
         loss = -total if off_policy.self_normalize else -total / count
-        ess = F.effective_sample_size(F.trajectory_weights(log_w[present], off_policy.truncate, self_normalize=True))
+        ess = F.effective_sample_size(
+            F.trajectory_weights(log_w[present], off_policy.truncate, self_normalize=True, reduction=reduction), reduction
+        )
     else:
         if off_policy.kind == "clipped":
             eps = off_policy.clip_ratio
@@ -144,22 +148,23 @@ def importance_loss(
         else:  # on-policy: ρ = 1 in value, log π in the gradient
             terms = logp * weights
         loss = -(terms * used).sum() / count
-        ess = F.effective_sample_size(rho.detach()[mask])
-    kl = F.masked_mean((rho - 1) - log_rho, batch.valid)  # KL(π_b ‖ π_θ) estimate, ≥ 0 per step
+        ess = F.effective_sample_size(rho.detach()[mask], reduction)
+    kl_terms = ((rho - 1) - log_rho) * batch.valid  # KL(π_b ‖ π_θ) estimate, ≥ 0 per step
+    kl = kl_terms.sum() / reduction.sum(batch.valid.sum().to(logp.dtype)).clamp(min=1)  # this rank's share
     if off_policy.kl_coef > 0:
         loss = loss + off_policy.kl_coef * kl
-    return ImportanceLoss(loss, dist, logp, ess.to(logp.dtype), kl.detach(), clip_fraction)
+    return ImportanceLoss(loss, dist, logp, ess.to(logp.dtype), reduction.sum(kl.detach()), clip_fraction)
 
 
-def select_estimate(estimate: EstimatorOutput, envs: torch.Tensor) -> EstimatorOutput:
-    """``estimate`` restricted to the env columns ``envs``, with N recounted for those columns."""
+def select_estimate(estimate: EstimatorOutput, envs: torch.Tensor, reduction: Reduction = LOCAL) -> EstimatorOutput:
+    """``estimate`` restricted to the env columns ``envs``, with N recounted for those columns (over all ranks)."""
     mask = estimate.mask[:, envs]
     segments = estimate.segments[:, envs]
-    num_segments = torch.unique(segments[mask]).numel()
+    num_segments = reduction.sum(torch.tensor(torch.unique(segments[mask]).numel(), device=mask.device))
     return EstimatorOutput(
         weights=estimate.weights[:, envs],
         mask=mask,
         segments=segments,
-        num_segments=torch.tensor(num_segments, device=mask.device),
+        num_segments=num_segments,
         value_targets=None if estimate.value_targets is None else estimate.value_targets[:, envs],
     )
