@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pg_lightning.evaluation import evaluate
@@ -22,9 +23,9 @@ from pg_lightning.validation import positive_int, require
 class Evaluation(Callback):
     """Every ``every_n_iterations``, run ``num_episodes`` deterministic episodes on separate envs.
 
-    Logs ``eval/return_mean`` and ``eval/return_std``. With ``stop_on_solve``, training ends once the
-    mean reaches the env's ``reward_threshold`` (CartPole-v1: 475). The last iteration is always
-    evaluated, so the final policy has a score.
+    Logs ``eval/return_mean``, ``eval/return_std`` and, to W&B, the histogram ``eval/returns``. With
+    ``stop_on_solve``, training ends once the mean reaches the env's ``reward_threshold`` (CartPole-v1:
+    475). The last iteration is always evaluated, so the final policy has a score.
 
     Args:
         every_n_iterations: evaluate after every n-th iteration.
@@ -84,6 +85,11 @@ class Evaluation(Callback):
         # Logged through the loggers directly: this also runs in on_train_end, where self.log is not allowed.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, WandbLogger):
+                import wandb  # only when a W&B logger is in use
+
+                histogram = {"eval/returns": wandb.Histogram(returns.tolist()), "rollout/env_steps": float(module.env_steps)}
+                logger.log_metrics(histogram, step=trainer.global_step)
         if solved and self.stop_on_solve:
             trainer.should_stop = True
 

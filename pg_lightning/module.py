@@ -152,10 +152,11 @@ class PolicyGradientModule(LightningModule):
         # rank is known (ARCHITECTURE.md traps 2 and 5).
         if self.collector is None:
             rank = self.global_rank
-            self.reduction = reduction_for(self.trainer.world_size)
-            if self.reduction.world_size > 1 and isinstance(self.trainer.accelerator, CPUAccelerator):
+            trainer = self._trainer  # None when setup() is called by hand, outside a Trainer
+            self.reduction = reduction_for(trainer.world_size if trainer is not None else 1)
+            if self.reduction.world_size > 1 and isinstance(trainer.accelerator, CPUAccelerator):
                 # W processes on the same cores: torch's intra-op threads would oversubscribe them.
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.trainer.num_devices))
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
             self.collector = RolloutCollector(
                 self.env.make(),
                 self.steps_per_env,

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -47,7 +49,8 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
         module = make_module(cfg)
         if optimizer_callbacks(module) and cfg.trainer.get("gradient_clip_val"):
             check_trainer(cfg.trainer)
-        loggers = make_loggers(cfg.logger, run_dir)
+        tags = [module.env.id, module.estimator.name, f"off_policy={module.off_policy.kind}"]
+        loggers = make_loggers(cfg.logger, run_dir, tags)
         evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000)
         checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
     except Exception as error:  # noqa: BLE001 - turned into one line for the user, see _root_message
@@ -108,14 +111,39 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return run.summary.summary
 
 
-def make_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
-    """The ``logger/`` group's logger, plus ``<run_dir>/metrics.csv`` unless the group is ``none``."""
+def make_loggers(logger_cfg: DictConfig | None, run_dir: Path, tags: list[str] | None = None) -> list[Logger]:
+    """The ``logger/`` group's logger, plus ``<run_dir>/metrics.csv`` unless the group is ``none``.
+
+    A W&B run whose ``group`` is not set is grouped by what launched it (``wandb_grouping``) and tagged with
+    ``tags`` (env id, estimator, off-policy kind).
+    """
     if not logger_cfg:
         return []
-    logger = instantiate(logger_cfg, save_dir=str(run_dir))
+    extra = {}
+    if str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
+        group, name = wandb_grouping()
+        extra = {"group": logger_cfg.get("group") or group, "name": logger_cfg.get("name") or name, "tags": tags or []}
+    logger = instantiate(logger_cfg, save_dir=str(run_dir), **extra)
     if isinstance(logger, CSVLogger):
         return [logger]
     return [logger, CSVLogger(save_dir=str(run_dir), name="", version="")]
+
+
+def wandb_grouping() -> tuple[str | None, str | None]:
+    """(group, name) of a W&B run from Hydra's runtime: the experiment overlay and the sweep it belongs to.
+
+    A job of ``python train.py -m ...`` is grouped as ``[<experiment>/]sweep <sweep dir>`` and named by its
+    overrides (``estimator=baseline,seed=1``); a single run only by its experiment, if it has one.
+    """
+    if not HydraConfig.initialized():
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    experiment = hydra_cfg.runtime.choices.get("experiment")
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = f"sweep {hydra_cfg.sweep.dir}"
+        group = f"{experiment}/{sweep}" if experiment else sweep
+        return group, hydra_cfg.job.override_dirname or f"job {hydra_cfg.job.num}"
+    return experiment, None
 
 
 def _root_message(error: BaseException) -> str | None:

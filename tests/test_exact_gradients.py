@@ -152,7 +152,7 @@ def test_a_baseline_that_sees_its_own_trajectory_is_caught_as_biased(chain_sampl
 
     @dataclass(frozen=True)
     class InSampleAverage(E.Estimator):
-        def __call__(self, batch, values=None):
+        def __call__(self, batch, values=None, reduction=None):
             out = E.reinforce(1.0)(batch)
             weights = (out.weights - F.masked_mean(out.weights, out.mask)) * out.mask
             return E.EstimatorOutput(weights, out.mask, out.segments, out.num_segments)
