@@ -341,6 +341,8 @@ class PolicyGradientModule(LightningModule):
             "skipped_updates": self.skipped_updates,
             "train_return_mean": self.train_return_mean,
             "replay": [vars(batch) for batch in self.replay],
+            "collector": self.collector.state_dict() if self.collector is not None else None,
+            "torch_rng": torch.get_rng_state(),  # action sampling and minibatch order continue the same stream
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -351,3 +353,11 @@ class PolicyGradientModule(LightningModule):
         self.train_return_mean = counters.get("train_return_mean", math.nan)
         self.replay.clear()
         self.replay.extend(RolloutBatch(**fields) for fields in counters.get("replay", []))
+        # Called after setup(): the fresh collector and the seeded stream are replaced by the saved ones. Rank 0
+        # saves the checkpoint, so with several processes the other ranks' envs and streams are not in it:
+        # then every rank keeps fresh envs and its own seed.
+        single_process = self._trainer is None or self._trainer.world_size == 1
+        if single_process and self.collector is not None and counters.get("collector") is not None:
+            self.collector.load_state_dict(counters["collector"])
+        if single_process and counters.get("torch_rng") is not None:
+            torch.set_rng_state(counters["torch_rng"])

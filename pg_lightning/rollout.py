@@ -10,6 +10,7 @@ their running episodes live in the ``RolloutCollector`` and survive across itera
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -180,6 +181,39 @@ class RolloutCollector:
         )
         self._ep_return = np.where(began_before, self._ep_return, 0.0) + tail_return
         self._ep_length = np.where(began_before, self._ep_length, 0) + tail_length
+
+    def state_dict(self) -> dict:
+        """The envs (pickled, or None where they cannot be), their current observations and running episodes.
+
+        With it a resumed run continues exactly where the checkpoint was taken, mid-episode; envs that do not
+        pickle (mujoco, subprocess vector envs, observation-masking wrappers) are reset on resume instead.
+        Arrays are stored as tensors, which Lightning's ``weights_only`` checkpoint loading accepts.
+        """
+        try:
+            envs = pickle.dumps(self.envs)
+        except Exception:  # noqa: BLE001 - any env that cannot be pickled is simply not restored
+            envs = None
+        state = {"envs": envs, "env_steps": self.env_steps}
+        if envs is not None and self._obs is not None:
+            arrays = {"obs": self._obs, "reset_next": self._reset_next, "ep_return": self._ep_return,
+                      "ep_disc_return": self._ep_disc_return, "ep_length": self._ep_length}
+            state.update({name: torch.from_numpy(np.array(value)) for name, value in arrays.items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Restore ``state_dict``; returns False (and keeps fresh envs, reset at the next collect) if it has no envs.
+
+        The envs are unpickled: load only checkpoints you trust (as with any pickle).
+        """
+        self.env_steps = state["env_steps"]
+        if state.get("envs") is None or "obs" not in state:
+            return False
+        self.envs.close()
+        self.envs = pickle.loads(state["envs"])
+        self._obs, self._reset_next = state["obs"].numpy(), state["reset_next"].numpy()
+        self._ep_return, self._ep_disc_return = state["ep_return"].numpy(), state["ep_disc_return"].numpy()
+        self._ep_length = state["ep_length"].numpy()
+        return True
 
     def close(self) -> None:
         self.envs.close()

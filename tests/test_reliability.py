@@ -146,3 +146,27 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_the_resumed_run_reaches_the_bu
     assert final["status"] == "finished" and final["env_steps"] >= budget
     # Counters continue from the checkpoint: 3 batches of 256 x 16 steps, or 4 as reset steps are no env steps.
     assert final["iterations"] - summary["iterations"] in (3, 4)
+
+
+TRAINING_COLUMNS = ("rollout/env_steps", "rollout/return_mean", "rollout/episodes", "loss/policy", "loss/value",
+                    "diag/entropy", "diag/ess")
+
+
+def training_rows(path: Path) -> list[tuple]:
+    return [tuple(row.get(c) for c in TRAINING_COLUMNS) for row in read_metrics(path) if row.get("loss/policy")]
+
+
+@pytest.mark.parametrize("off_policy", ["none", "per_step"])
+def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path, off_policy):
+    """CartPole's envs pickle: the checkpoint holds them mid-episode, with the RNG stream, V_φ, optimizers,
+    replay and counters, so the iterations after a resume are the uninterrupted run's, number for number."""
+    common = ["logger=csv", "stop_on_solve=false", "env.num_envs=4", "steps_per_env=64", "estimator=gae",
+              f"off_policy={off_policy}", "eval.num_episodes=2", "eval.every_n_iterations=1"]
+    whole = train(compose_with(*common, "total_env_steps=1500"), tmp_path / "whole")
+    part = train(compose_with(*common, "total_env_steps=700"), tmp_path / "part")
+    resumed = train(compose_with(*common, "total_env_steps=1500", f"ckpt_path={tmp_path / 'part' / 'last.ckpt'}"),
+                    tmp_path / "resumed")
+    assert part["iterations"] < resumed["iterations"] == whole["iterations"] >= 6
+    assert resumed["env_steps"] == whole["env_steps"]
+    uninterrupted = training_rows(tmp_path / "whole" / "metrics.csv")
+    assert training_rows(tmp_path / "part" / "metrics.csv") + training_rows(tmp_path / "resumed" / "metrics.csv") == uninterrupted
