@@ -14,8 +14,9 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from pg_lightning.evaluation import evaluate
+from pg_lightning.evaluation import evaluate, record_episode
 from pg_lightning.module import PolicyGradientModule
 from pg_lightning.validation import positive_int, require
 
@@ -32,15 +33,25 @@ class Evaluation(Callback):
         num_episodes: episodes per evaluation, one per eval env.
         stop_on_solve: stop training when the eval mean reaches the reward threshold.
         seed: seed of the eval envs' first reset (later evaluations continue their RNG streams).
+        video: at the end of training, render one deterministic episode and log it to W&B as ``eval/video``
+            (needs the ``video`` extra; a rendering failure is reported as a warning, the run is kept).
     """
 
-    def __init__(self, every_n_iterations: int = 5, num_episodes: int = 20, stop_on_solve: bool = True, seed: int = 10_000):
+    def __init__(
+        self,
+        every_n_iterations: int = 5,
+        num_episodes: int = 20,
+        stop_on_solve: bool = True,
+        seed: int = 10_000,
+        video: bool = False,
+    ):
         require("eval.every_n_iterations", every_n_iterations, positive_int, "a positive integer")
         require("eval.num_episodes", num_episodes, positive_int, "a positive integer")
         self.every_n_iterations = every_n_iterations
         self.num_episodes = num_episodes
         self.stop_on_solve = stop_on_solve
         self.seed = seed
+        self.video = video
         self.envs = None
         self.return_mean = math.nan
         self.evaluated_at_iteration = 0
@@ -68,6 +79,21 @@ class Evaluation(Callback):
         module = _pg_module(pl_module)
         if self.evaluated_at_iteration != module.iterations:
             self._evaluate(trainer, module)
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if self.video and wandb_loggers and trainer.is_global_zero:
+            self._log_video(trainer, module, wandb_loggers)
+
+    def _log_video(self, trainer: Trainer, module: PolicyGradientModule, loggers: list[WandbLogger]) -> None:
+        import wandb
+
+        try:
+            frames, fps = record_episode(module.policy, module.env, seed=self.seed)
+            video = wandb.Video(frames, fps=fps, format="mp4")
+        except Exception as error:  # noqa: BLE001 - a finished run is kept even if rendering fails
+            rank_zero_warn(f"eval video skipped: {type(error).__name__}: {error}")
+            return
+        for logger in loggers:
+            logger.log_metrics({"eval/video": video, "rollout/env_steps": float(module.env_steps)}, step=trainer.global_step)
 
     def _evaluate(self, trainer: Trainer, module: PolicyGradientModule) -> None:
         returns = evaluate(module.policy, self.envs, seed=self._next_seed)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
 from torch import nn
 
-from pg_lightning.envs import to_env_action
+from pg_lightning.envs import VectorEnvFactory, to_env_action
 
 
 @torch.no_grad()
@@ -30,3 +33,33 @@ def evaluate(policy: nn.Module, envs: VectorEnv, seed: int | None = None, max_st
         if not running.any():
             return returns
     raise RuntimeError(f"evaluation episodes did not end within {max_steps} steps")
+
+
+@torch.no_grad()
+def record_episode(
+    policy: nn.Module, env: VectorEnvFactory, seed: int | None = None, max_frames: int = 1000, downscale: int = 2
+) -> tuple[np.ndarray, int]:
+    """Frames of one deterministic episode, ``[T, 3, H / downscale, W / downscale]`` uint8 (W&B's video layout),
+    and the env's frame rate.
+
+    The env is made alone with ``render_mode="rgb_array"`` (its rendering dependencies must be installed);
+    the policy sees the same observation entries as in training. At most ``max_frames`` frames.
+    """
+    device = next(policy.parameters()).device
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame-rendered envs: off-screen, no display needed
+    single = gym.make(env.id, render_mode="rgb_array", **dict(env.kwargs))
+    indices = list(env.observation_indices) if env.observation_indices is not None else slice(None)
+    try:
+        obs, _ = single.reset(seed=seed)
+        frames = [single.render()]
+        while len(frames) < max_frames:
+            observed = torch.as_tensor(np.asarray(obs)[indices], dtype=torch.float32, device=device)
+            action = policy(observed.unsqueeze(0)).mode[0]
+            obs, _, terminated, truncated, _ = single.step(to_env_action(action.cpu().numpy(), single.action_space))
+            frames.append(single.render())
+            if terminated or truncated:
+                break
+    finally:
+        single.close()
+    fps = int(single.metadata.get("render_fps") or 30)
+    return np.stack(frames)[:, ::downscale, ::downscale].transpose(0, 3, 1, 2).copy(), fps

@@ -51,7 +51,8 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
             check_trainer(cfg.trainer)
         tags = [module.env.id, module.estimator.name, f"off_policy={module.off_policy.kind}"]
         loggers = make_loggers(cfg.logger, run_dir, tags)
-        evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000)
+        video = bool(cfg.logger.get("video", False)) if cfg.logger else False
+        evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000, video=video)
         checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
     except Exception as error:  # noqa: BLE001 - turned into one line for the user, see _root_message
         message = _root_message(error)
@@ -119,6 +120,7 @@ def make_loggers(logger_cfg: DictConfig | None, run_dir: Path, tags: list[str] |
     """
     if not logger_cfg:
         return []
+    logger_cfg = OmegaConf.create({k: v for k, v in logger_cfg.items() if k != "video"})  # Evaluation's, not W&B's
     extra = {}
     if str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
         group, name = wandb_grouping()

@@ -6,6 +6,7 @@ bad value is refused before any env is created or any time is spent.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 import os
@@ -106,6 +107,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.gradient_clip_val={clip} is not supported: PolicyGradientModule steps its optimizers itself "
             "(manual optimization), where Lightning does not clip; leave it unset"
+        )
+    if OmegaConf.select(cfg, "logger.video", default=False) and importlib.util.find_spec("moviepy") is None:
+        raise ConfigError(
+            "logger.video=true needs the rendering extra to encode videos (moviepy is not installed): "
+            'pip install -e ".[video]"'
         )
     ckpt_path = OmegaConf.select(cfg, "ckpt_path", default=None)
     if ckpt_path is not None:

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
-from test_configs import CONF_DIR
+from test_configs import CONF_DIR, compose_with
 from test_train import run_train_py
 
 from pg_lightning import plot
+from pg_lightning.run import train
 
 ESTIMATORS, SEEDS = ("reinforce", "reward_to_go", "baseline"), (0, 1, 2)
 TINY = ["env.num_envs=2", "steps_per_env=100", "total_env_steps=400", "eval.num_episodes=2", "eval.every_n_iterations=1"]
@@ -131,3 +132,29 @@ def test_launcher_and_sweeper_configs_compose(override, target):
     assert cfg.hydra[group]._target_ == target
     if group == "sweeper":
         assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "steps_per_env"}
+
+
+@pytest.mark.slow
+def test_logger_video_logs_an_eval_episode_video_to_the_offline_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    summary = train(compose_with("logger.video=true", *TINY), tmp_path / "run")
+    videos = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/videos/eval/*.mp4"))
+    assert len(videos) == 1 and videos[0].stat().st_size > 1000
+    (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+              for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+    video = next(h for h in logged if "eval/video/_type" in h)
+    assert json.loads(video["eval/video/_type"]) == "video-file"
+    assert float(video["rollout/env_steps"]) == summary["env_steps"]
+
+
+def test_logger_video_without_the_rendering_extra_is_refused_in_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pg_lightning.validation import ConfigError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "moviepy" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r'^logger.video=true needs the rendering extra .*pip install -e "\.\[video\]"$'):
+        train(compose_with("logger.video=true", *TINY), tmp_path)
