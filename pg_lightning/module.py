@@ -72,6 +72,7 @@ class PolicyGradientModule(LightningModule):
         max_skipped_updates: an update whose loss or gradient is not finite is skipped (and counted
             in ``diag/skipped_updates``); this many in a row stop training with ``NonFiniteUpdatesError``.
         off_policy: importance-sampled reuse of past batches (``OffPolicy``); default on-policy.
+        max_iterations: stop after this many iterations (batches) as well, e.g. "100 iterations of batch 1000".
     """
 
     def __init__(
@@ -86,11 +87,15 @@ class PolicyGradientModule(LightningModule):
         grad_variance_groups: int | None = None,
         max_skipped_updates: int = 10,
         off_policy: OffPolicy | None = None,
+        max_iterations: int | None = None,
     ):
         super().__init__()
         require("steps_per_env", steps_per_env, positive_int, "a positive integer")
         if total_env_steps is not None:
             require("total_env_steps", total_env_steps, positive_int, "a positive integer")
+        if max_iterations is not None:
+            require("max_iterations", max_iterations, positive_int, "a positive integer or null")
+        self.max_iterations = max_iterations
         self.env = env if isinstance(env, VectorEnvFactory) else VectorEnvFactory(id=env)
         observation_space, action_space = self.env.spaces()
         check_action_space(action_space)
@@ -294,6 +299,8 @@ class PolicyGradientModule(LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.total_env_steps is not None and self.env_steps >= self.total_env_steps:
+            self.trainer.should_stop = True
+        if self.max_iterations is not None and self.iterations >= self.max_iterations:
             self.trainer.should_stop = True
 
     def _log_iteration(

@@ -2,7 +2,7 @@
 
 Every directory under the given paths that holds a ``summary.json`` is a run; its curve is ``--metric``
 (default ``eval/return_mean``) against ``rollout/env_steps`` from its ``metrics.csv``. Runs are grouped by
-``--by``: a key of ``summary.json`` (``estimator``, ``off_policy``, ``env_id``, ``world_size``) or any config key
+``--by``: one or more comma-separated keys, each a key of ``summary.json`` (``estimator``, ``off_policy``, ``env_id``, ``world_size``) or any config key
 of the run's ``.hydra/config.yaml`` (``optimizer.lr``, ``estimator.gae_lambda``, ``steps_per_env``). Each group
 is one line, the mean over its runs (usually seeds) with a ±1 std band, on a common grid of env steps; a run's
 curve holds its latest evaluation until its next one, and its last one after it ends (a run stopped on solve
@@ -44,8 +44,12 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(runs)
 
 
-def group_label(run_dir: Path, summary: dict, key: str) -> str:
-    """The run's value of ``key``: from summary.json, else from the Hydra config saved with the run."""
+def group_label(run_dir: Path, summary: dict, keys: str) -> str:
+    """``key=value`` of each comma-separated key: from summary.json, else from the run's saved Hydra config."""
+    return ", ".join(_key_value(run_dir, summary, key.strip()) for key in keys.split(","))
+
+
+def _key_value(run_dir: Path, summary: dict, key: str) -> str:
     if key in summary:
         return f"{key}={summary[key]}"
     config = run_dir / ".hydra" / "config.yaml"
@@ -134,7 +138,7 @@ def plot(curves: list[RunCurve], out: Path, metric: str, title: str | None = Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pg_lightning.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run dirs or sweep dirs (searched recursively)")
-    parser.add_argument("--by", default="estimator", help="summary.json or config key that makes the lines")
+    parser.add_argument("--by", default="estimator", help="summary.json or config keys (comma-separated) that make the lines")
     parser.add_argument("--metric", default="eval/return_mean")
     parser.add_argument("--out", type=Path, default=Path("learning_curves.png"))
     parser.add_argument("--title", default=None)

@@ -103,8 +103,8 @@ class RolloutCollector:
         obs_np = np.empty((num_steps + 1, num_envs, *obs_shape), dtype=np.float32)
         actions, logps = [], []
         for t in range(num_steps):
-            obs_np[t] = self._obs
-            dist = policy(torch.as_tensor(self._obs, device=device))
+            obs_np[t] = self._obs  # float32, whatever the env's dtype (MuJoCo's is float64)
+            dist = policy(torch.from_numpy(obs_np[t]).to(device))
             action = dist.sample()
             logps.append(_log_prob(dist, action))
             actions.append(action)

@@ -90,6 +90,7 @@ def make_module(cfg: DictConfig) -> PolicyGradientModule:
         grad_variance_groups=cfg.diagnostics.groups if cfg.diagnostics.grad_variance else None,
         max_skipped_updates=cfg.max_skipped_updates,
         off_policy=instantiate(cfg.off_policy) if cfg.get("off_policy") else None,
+        max_iterations=cfg.get("max_iterations"),
     )
 
 

@@ -62,6 +62,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_is_int, "an integer"),
     "total_env_steps": (positive_int, "a positive integer"),
     "steps_per_env": (positive_int, "a positive integer"),
+    "max_iterations": (lambda v: v is None or positive_int(v), "a positive integer or null"),
     "max_skipped_updates": (positive_int, "a positive integer"),
     "env.num_envs": (positive_int, "a positive integer"),
     "estimator.gamma": (unit_interval, "in [0, 1]"),

@@ -180,3 +180,13 @@ def test_vectorised_episode_tracking_equals_the_per_step_reference():
     expected = sorted((round(r, 4), n) for _, r, n in expected_finished)
     assert sorted(zip(np.round(returns, 4), lengths)) == expected
     assert collector.env_steps == sum(int(v.sum()) for _, v, _ in batches)
+
+
+@pytest.mark.parametrize("env_id", ["InvertedPendulum-v5", "Pendulum-v1", "Acrobot-v1"])
+def test_collect_feeds_float32_observations_whatever_the_env_dtype(env_id):
+    """MuJoCo observations are float64; the policy's weights are float32."""
+    factory = VectorEnvFactory(env_id, num_envs=2)
+    policy = mlp_policy(*factory.spaces())
+    batch = RolloutCollector(factory.make(), steps_per_env=20, seed=0).collect(policy)
+    assert batch.obs.dtype == torch.float32 and batch.obs.shape[:2] == (21, 2)
+    assert torch.isfinite(batch.logp_behavior).all()

@@ -120,3 +120,10 @@ def test_readme_api_example_runs():
     grad, policy = namespace["grad"], namespace["policy"]
     assert [g.shape for g in grad] == [p.shape for p in policy.parameters()]
     assert namespace["batch"].num_envs == 16 and any(g.abs().sum() > 0 for g in grad)
+
+
+def test_max_iterations_stops_training_after_that_many_batches(tmp_path):
+    cfg = compose_with("logger=none", "env.num_envs=2", "steps_per_env=50", "max_iterations=3", "stop_on_solve=false",
+                       "eval.num_episodes=2")
+    summary = train(cfg, tmp_path)
+    assert summary["iterations"] == 3 and summary["env_steps"] < cfg.total_env_steps
