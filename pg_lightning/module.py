@@ -233,7 +233,7 @@ class PolicyGradientModule(LightningModule):
         losses, ess, kl, clipped = [], [], [], []
         for _ in range(self.off_policy.updates_per_batch):
             for data, estimate in kept:
-                for envs in torch.randperm(data.num_envs).chunk(self.off_policy.minibatches):
+                for envs in torch.randperm(data.num_envs).tensor_split(self.off_policy.minibatches):
                     part = select_estimate(estimate, envs, self.reduction)
                     if not self.reduction.any(bool(part.mask.any()), self.device):
                         continue

@@ -197,9 +197,9 @@ class CountingAdam(torch.optim.Adam):
 
 
 def test_the_replay_keeps_reuse_batches_and_takes_the_configured_number_of_steps():
-    off_policy = OffPolicy(kind="per_step", reuse_batches=2, updates_per_batch=3, minibatches=2)
+    off_policy = OffPolicy(kind="per_step", reuse_batches=2, updates_per_batch=3, minibatches=4)
     module = PolicyGradientModule(
-        VectorEnvFactory("CartPole-v1", num_envs=4), estimator=E.gae(), steps_per_env=64,
+        VectorEnvFactory("CartPole-v1", num_envs=5),  # 5 envs in 4 minibatches: 2 + 1 + 1 + 1 estimator=E.gae(), steps_per_env=64,
         optimizer=lambda params: CountingAdam(params, lr=1e-3), off_policy=off_policy,
     )
     from lightning.pytorch import Trainer
@@ -210,7 +210,7 @@ def test_the_replay_keeps_reuse_batches_and_takes_the_configured_number_of_steps
     trainer.fit(module)
     assert len(module.replay) == 3
     kept = [1, 2, 3, 3, 3]  # batches in the replay at iterations 1..5
-    assert CountingAdam.steps == sum(k * 3 * 2 for k in kept)
+    assert CountingAdam.steps == sum(k * 3 * 4 for k in kept)
     behaviour = [batch.logp_behavior for batch in module.replay]
     assert not torch.equal(behaviour[0], behaviour[-1]), "each kept batch has its own behaviour log-probs"
 
