@@ -76,3 +76,16 @@ def test_a_user_policy_plugs_into_the_module():
     trainer.fit(module)
     assert module.iterations == 2
     assert not torch.equal(policy.table.detach(), torch.zeros(2)), "the optimizer updated the user's parameters"
+
+
+def test_gather_log_prob_equals_torch_categorical():
+    from torch.distributions import Categorical
+
+    from pg_lightning.policies import GatherCategorical
+
+    logits = torch.randn(5, 3, 4)
+    fast, reference = GatherCategorical(logits=logits), Categorical(logits=logits)
+    actions = reference.sample()
+    torch.testing.assert_close(fast.log_prob(actions), reference.log_prob(actions), rtol=0, atol=0)
+    every_action = torch.arange(4).view(4, 1, 1)  # broadcast against the batch: torch's own path
+    torch.testing.assert_close(fast.log_prob(every_action), reference.log_prob(every_action), rtol=0, atol=0)
