@@ -144,8 +144,8 @@ class RolloutCollector:
         After the loop, not per step: running sums over time give each finished episode's return and
         length (the first one of env b adds what its episode had before the batch, ``_ep_return`` and
         ``_ep_length``); the steps after env b's last ``done`` run on into the next batch. Their
-        discounted return-so-far Σ_k γ^k r_k (k from the episode's first step) is the reward-to-go at the
-        tail's first step, times γ^(steps before this batch) when the episode began earlier.
+        discounted return-so-far Σ_k γ^k r_k (k from the episode's first step) is the tail's own discounted
+        sum times γ^(steps before this batch) when the episode began earlier.
         """
         num_steps, num_envs = rew.shape
         envs = np.arange(num_envs)
@@ -170,11 +170,11 @@ class RolloutCollector:
         at_last_done = np.maximum(last_done, 0)
         tail_return = cum_return[-1] - np.where(any_done, cum_return[at_last_done, envs], 0.0)
         tail_length = cum_length[-1] - np.where(any_done, cum_length[at_last_done, envs], 0)
-        # Reward-to-go that passes over reset steps, so that its value at a tail's start is Σ_k γ^k r_k.
-        to_go = np.zeros((num_steps + 1, num_envs))
-        for t in range(num_steps - 1, -1, -1):
-            to_go[t] = np.where(valid[t], rew[t] + self.gamma * ~done[t] * to_go[t + 1], to_go[t + 1])
-        tail_discounted = to_go[last_done + 1, envs]
+        # Discounted return of the tail: step t is the tail's k-th valid step, k = valid steps after the last done.
+        k = cum_length - np.where(any_done, cum_length[at_last_done, envs], 0) - 1
+        in_tail = valid & (np.arange(num_steps)[:, None] > last_done)
+        powers = self.gamma ** np.arange(num_steps, dtype=np.float64)  # γ^k, k < T: a lookup, no overflow
+        tail_discounted = (powers[np.clip(k, 0, num_steps - 1)] * rew * in_tail).sum(0)
         began_before = ~any_done
         self._ep_disc_return = np.where(
             began_before, self._ep_disc_return + self.gamma ** self._ep_length * tail_discounted, tail_discounted
