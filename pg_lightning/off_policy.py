@@ -29,7 +29,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.distributions import Distribution
 
 from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
@@ -101,8 +100,6 @@ class ImportanceLoss:
     """``loss`` to differentiate, plus what is logged: ``ess`` (fraction), ``approx_kl``, ``clip_fraction``."""
 
     loss: torch.Tensor
-    dist: Distribution
-    logp: torch.Tensor
     ess: torch.Tensor
     approx_kl: torch.Tensor
     clip_fraction: torch.Tensor
@@ -111,13 +108,12 @@ class ImportanceLoss:
 def importance_loss(
     policy: nn.Module, batch: RolloutBatch, estimate: EstimatorOutput, off_policy: OffPolicy, reduction: Reduction = LOCAL
 ) -> ImportanceLoss:
-    """The importance-weighted pseudo-loss of ``off_policy.kind`` on ``batch`` (``[T, B]``), see the module doc.
+    """The importance-weighted pseudo-loss of ``off_policy.kind`` (one that reuses data) on ``batch`` (``[T, B]``).
 
     ``estimate`` holds Ψ, the mask of used steps, the segment ids and N for this batch (from the estimator).
     ``reduction`` makes Σ w of self-normalised weights, the ESS and the KL estimate global over processes.
     """
-    dist = policy(batch.obs[:-1])
-    logp = dist.log_prob(batch.act)  # [T, B]
+    logp = policy(batch.obs[:-1]).log_prob(batch.act)  # [T, B]
     log_rho = F.log_ratio(logp, batch.logp_behavior)
     mask, weights = estimate.mask, estimate.weights.detach()
     used = mask.to(logp.dtype)
@@ -129,31 +125,29 @@ def importance_loss(
         num_segments = int(estimate.segments.max()) + 1 if estimate.segments.numel() else 0
         log_w = F.segment_sum(log_rho.detach() * used, segments, num_segments)
         present = F.segment_sum(used, segments, num_segments) > 0
-        w = F.trajectory_weights(log_w[present], off_policy.truncate, off_policy.self_normalize, reduction)
+        # Self-normalised weights serve the ESS (scale-free) and, with self_normalize, the loss itself.
+        normalized = F.trajectory_weights(log_w[present], off_policy.truncate, self_normalize=True, reduction=reduction)
+        w = normalized if off_policy.self_normalize else F.trajectory_weights(log_w[present], off_policy.truncate)
         step_w = torch.zeros(num_segments, dtype=torch.float64, device=logp.device)
         step_w[present] = w
         step_w = step_w[segments.clamp(min=0)].to(logp.dtype) * used  # [T, B]
         total = (logp * weights * step_w).sum()
         loss = -total if off_policy.self_normalize else -total / count
-        ess = F.effective_sample_size(
-            F.trajectory_weights(log_w[present], off_policy.truncate, self_normalize=True, reduction=reduction), reduction
-        )
+        ess = F.effective_sample_size(normalized, reduction)
     else:
         if off_policy.kind == "clipped":
             eps = off_policy.clip_ratio
             terms = torch.minimum(rho * weights, rho.clamp(1 - eps, 1 + eps) * weights)
             clip_fraction = F.masked_mean(((rho - 1).abs() > eps).to(logp.dtype), mask).detach()
-        elif off_policy.kind == "per_step":
+        else:  # per_step
             terms = rho * weights
-        else:  # on-policy: ρ = 1 in value, log π in the gradient
-            terms = logp * weights
         loss = -(terms * used).sum() / count
         ess = F.effective_sample_size(rho.detach()[mask], reduction)
     kl_terms = ((rho - 1) - log_rho) * batch.valid  # KL(π_b ‖ π_θ) estimate, ≥ 0 per step
     kl = kl_terms.sum() / reduction.sum(batch.valid.sum().to(logp.dtype)).clamp(min=1)  # this rank's share
     if off_policy.kl_coef > 0:
         loss = loss + off_policy.kl_coef * kl
-    return ImportanceLoss(loss, dist, logp, ess.to(logp.dtype), reduction.sum(kl.detach()), clip_fraction)
+    return ImportanceLoss(loss, ess.to(logp.dtype), reduction.sum(kl.detach()), clip_fraction)
 
 
 def select_estimate(estimate: EstimatorOutput, envs: torch.Tensor, reduction: Reduction = LOCAL) -> EstimatorOutput:
