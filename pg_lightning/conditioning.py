@@ -83,13 +83,11 @@ def learning_curve(method: str, iterations: int, seed: int, k0: float = 1.0, sig
 
 def plot(out: Path, iterations: int, seeds: int) -> dict[str, float]:
     """Write the figure; returns the median final J of each method."""
-    import matplotlib
+    from pg_lightning.plot import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     k, sigma = torch.meshgrid(torch.linspace(-2.0, 1.5, 15), torch.linspace(0.05, 1.0, 12), indexing="ij")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.3))
     for ax, (title, field) in zip(axes[:2], (("vanilla gradient ∇J", vanilla_gradient), ("natural gradient F⁻¹∇J", natural_gradient))):
         u, v = field(k, sigma)
         norm = torch.sqrt(u**2 + v**2).clamp(min=1e-12)  # arrows show directions; length is not comparable
@@ -111,10 +109,7 @@ def plot(out: Path, iterations: int, seeds: int) -> dict[str, float]:
     axes[2].set_ylabel("J(k, σ)  (0 is optimal)")
     axes[2].set_title("sampled-gradient ascent from k = 1, σ = 0.1")
     axes[2].legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out, dpi=100)
     return finals
 
 

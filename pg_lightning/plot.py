@@ -99,15 +99,28 @@ def aggregate(curves: list[RunCurve], num_points: int = 200) -> dict[str, tuple[
     return out
 
 
-def plot(curves: list[RunCurve], out: Path, metric: str, title: str | None = None) -> dict:
-    """Write the figure to ``out``; return the per-group table that ``main`` prints."""
+def pyplot():
+    """matplotlib's pyplot with the file-only Agg backend, imported when a figure is drawn (not at start-up)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, out: Path, dpi: int = 120) -> None:
+    """Lay out, write ``out`` (creating its folder) and free the figure."""
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    pyplot().close(fig)
+
+
+def plot(curves: list[RunCurve], out: Path, metric: str, title: str | None = None) -> dict:
+    """Write the figure to ``out``; return the per-group table that ``main`` prints."""
     groups = aggregate(curves)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     table = {}
     for label, (grid, mean, std, runs) in groups.items():
         line, = ax.plot(grid, mean, label=f"{label} (n={len(runs)})")
@@ -128,10 +141,7 @@ def plot(curves: list[RunCurve], out: Path, metric: str, title: str | None = Non
     ax.set_ylabel(f"{metric} (mean ± std over runs)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
     return table
 
 

@@ -160,14 +160,12 @@ def write_outputs(rows: list[dict], out_dir: Path, episodes_per_batch: int) -> N
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from pg_lightning.plot import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     snapshots = sorted({row["snapshot"] for row in rows})
     names = list(dict.fromkeys(row["estimator"] for row in rows))
-    fig, (ax_var, ax_cos) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_var, ax_cos) = pyplot().subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(snapshots)
     for i, snapshot in enumerate(snapshots):
         by_name = {row["estimator"]: row for row in rows if row["snapshot"] == snapshot}
@@ -181,9 +179,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax_var.set_yscale("log")
     ax_cos.set_ylim(min(0.0, min(r["cosine_to_reference"] for r in rows)), 1.0)
     ax_var.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, Path(path), dpi=110)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="variance")
