@@ -48,6 +48,23 @@ def counting_envs(lengths: list[int], truncate: bool = False) -> gym.vector.Vect
     return gym.vector.SyncVectorEnv([lambda n=n: CountingEnv(n, truncate) for n in lengths])
 
 
+def collect_cartpole(steps_per_env: int, num_envs: int = 8, hidden_sizes=(16,), seed: int = 0):
+    """(policy, batch): a small seeded MLP policy and one CartPole-v1 batch it collected."""
+    import torch
+
+    from pg_lightning.envs import VectorEnvFactory
+    from pg_lightning.policies import mlp_policy
+    from pg_lightning.rollout import RolloutCollector
+
+    env = VectorEnvFactory("CartPole-v1", num_envs=num_envs).make()
+    torch.manual_seed(seed)
+    policy = mlp_policy(env.single_observation_space, env.single_action_space, hidden_sizes=list(hidden_sizes))
+    try:
+        return policy, RolloutCollector(env, steps_per_env=steps_per_env, seed=seed).collect(policy)
+    finally:
+        env.close()
+
+
 @pytest.fixture
 def tmp_run_dir(tmp_path, monkeypatch):
     """A temporary working directory for runs (W&B offline files land in it)."""

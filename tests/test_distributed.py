@@ -17,15 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import collect_cartpole
 from test_train import run_train_py
 
 from pg_lightning import estimators as E
 from pg_lightning.distributed import Reduction
-from pg_lightning.envs import VectorEnvFactory
 from pg_lightning.gradient import estimate_gradient
 from pg_lightning.off_policy import OffPolicy
-from pg_lightning.policies import mlp_policy
-from pg_lightning.rollout import RolloutCollector
 from pg_lightning.value import ValueFunction
 
 CASES = {
@@ -47,11 +45,7 @@ CASES = {
 
 def make_problem():
     """A CartPole batch of 8 envs x 100 steps from θ_b, and a policy θ moved away from it (for the ratios)."""
-    env = VectorEnvFactory("CartPole-v1", num_envs=8).make()
-    torch.manual_seed(0)
-    behaviour = mlp_policy(env.single_observation_space, env.single_action_space, hidden_sizes=[16])
-    batch = RolloutCollector(env, steps_per_env=100, seed=0).collect(behaviour)
-    env.close()
+    behaviour, batch = collect_cartpole(steps_per_env=100)
     policy = copy.deepcopy(behaviour)
     with torch.no_grad():
         for p in policy.parameters():

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import counting_envs
+from conftest import collect_cartpole, counting_envs
 from test_configs import compose_with
 
 from pg_lightning import functional as F
@@ -48,12 +48,7 @@ PRESETS = {
 @pytest.fixture(scope="module")
 def cartpole_batch():
     """A CartPole batch (8 envs x 200 steps, several whole episodes) and the policy that collected it."""
-    env = VectorEnvFactory("CartPole-v1", num_envs=8).make()
-    torch.manual_seed(0)
-    policy = mlp_policy(env.single_observation_space, env.single_action_space, hidden_sizes=[16])
-    batch = RolloutCollector(env, steps_per_env=200, seed=0).collect(policy)
-    env.close()
-    return policy, batch
+    return collect_cartpole(steps_per_env=200)
 
 
 def flat(grads) -> torch.Tensor:
