@@ -10,16 +10,24 @@ Examples::
 Outputs (metrics.csv, summary.json, W&B offline files) go to Hydra's run dir (``hydra.run.dir``).
 """
 
+import gc
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig
+# Importing torch and Lightning creates about a million objects: the cyclic garbage collector would walk them
+# again and again while they load (~0.45 s of a CartPole run) and once more at exit (~0.8 s). None of them is
+# garbage, so collection is off while they load and they are frozen (left out of every later collection).
+gc.disable()
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from lightning.pytorch.utilities.rank_zero import rank_zero_only  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from pg_lightning.module import NonFiniteUpdatesError
-from pg_lightning.rollout import EnvStepError
-from pg_lightning.run import ConfigError, train
+from pg_lightning.module import NonFiniteUpdatesError  # noqa: E402
+from pg_lightning.rollout import EnvStepError  # noqa: E402
+from pg_lightning.run import ConfigError, train  # noqa: E402
+
+gc.freeze()
+gc.enable()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -45,4 +53,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # Shutdown's garbage collections walk every object torch and Lightning made at import (~0.8 s of a
+        # CartPole run's 5 s); frozen objects are skipped. Exit is otherwise as usual: atexit handlers run
+        # (logging, W&B) and our outputs are already closed.
+        gc.freeze()
