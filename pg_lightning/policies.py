@@ -49,14 +49,30 @@ def mlp(
 
 
 class GatherCategorical(Categorical):
-    """torch's ``Categorical`` whose ``log_prob`` of actions shaped like the batch is one gather of the
-    normalised logits: the same numbers without ``broadcast_tensors``, which costs more than the gather in the
-    rollout loop (one call per step). Other shapes go through torch's broadcasting ``log_prob``."""
+    """torch's ``Categorical`` with the per-step calls of the rollout and the evaluation made lighter; the
+    same numbers, fewer tensor ops (each op on a ``[B, n]`` tensor costs microseconds, the MLP ~40):
+
+    - ``log_prob`` of actions shaped like the batch: one gather of the normalised logits, no ``broadcast_tensors``;
+    - ``sample()``: the draw ``Categorical.sample`` makes (``multinomial`` with replacement on π(·|s)) without
+      its reshapes to a sample shape;
+    - ``mode``: argmax of the logits (log π has the argmax of π; torch computes π first).
+
+    Other shapes go through torch's own methods.
+    """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if value.shape != self.batch_shape:
             return super().log_prob(value)
         return self.logits.gather(-1, value.long().unsqueeze(-1)).squeeze(-1)
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+        if sample_shape != torch.Size() or self.logits.dim() != 2:
+            return super().sample(sample_shape)
+        return torch.multinomial(self.probs, 1, True).squeeze(-1)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return self.logits.argmax(-1)
 
 
 class CategoricalMLP(nn.Module):

@@ -78,7 +78,9 @@ def test_a_user_policy_plugs_into_the_module():
     assert not torch.equal(policy.table.detach(), torch.zeros(2)), "the optimizer updated the user's parameters"
 
 
-def test_gather_log_prob_equals_torch_categorical():
+def test_gather_categorical_equals_torch_categorical():
+    """The rollout's and the evaluation's lighter calls give torch's numbers: log_prob, mode, and sample()
+    (the same multinomial draw, so the same actions from the same RNG state)."""
     from torch.distributions import Categorical
 
     from pg_lightning.policies import GatherCategorical
@@ -89,3 +91,13 @@ def test_gather_log_prob_equals_torch_categorical():
     torch.testing.assert_close(fast.log_prob(actions), reference.log_prob(actions), rtol=0, atol=0)
     every_action = torch.arange(4).view(4, 1, 1)  # broadcast against the batch: torch's own path
     torch.testing.assert_close(fast.log_prob(every_action), reference.log_prob(every_action), rtol=0, atol=0)
+    torch.testing.assert_close(fast.mode, reference.mode, rtol=0, atol=0)
+    assert fast.sample((2,)).shape == reference.sample((2,)).shape == (2, 5, 3)  # sample shapes: torch's path
+
+    flat_logits = torch.randn(64, 3)  # [B, n]: the rollout's shape, where sample() takes the short path
+    fast, reference = GatherCategorical(logits=flat_logits), Categorical(logits=flat_logits)
+    torch.manual_seed(0)
+    drawn = fast.sample()
+    torch.manual_seed(0)
+    torch.testing.assert_close(drawn, reference.sample(), rtol=0, atol=0)
+    assert drawn.shape == (64,) and drawn.dtype == torch.int64
