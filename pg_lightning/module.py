@@ -268,7 +268,8 @@ class PolicyGradientModule(LightningModule):
         finite = not self.reduction.any(not bool(torch.isfinite(loss)), self.device)
         if finite:
             self.manual_backward(loss * self.reduction.world_size if model is self.policy else loss)
-            finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+            grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
+            finite = not grads or bool(torch.cat(grads).isfinite().all())  # one check, not one per tensor
         if finite:
             optimizer.step()
             if model is self.policy:  # the streak counts policy updates; a fine value step does not end it
