@@ -82,10 +82,14 @@ class RolloutCollector:
         self._ep_disc_return = np.zeros(num_envs)
         self._ep_length = np.zeros(num_envs, dtype=np.int64)
 
-    @torch.no_grad()
     def collect(self, policy: nn.Module, num_steps: int | None = None) -> RolloutBatch:
-        """Step every env ``num_steps`` (default T) times with actions sampled from ``policy``."""
-        device = _device_of(policy)
+        """Step every env ``num_steps`` (default T) times with actions sampled from ``policy``.
+
+        The policy runs under ``torch.inference_mode`` (no autograd bookkeeping on the per-step tensors, ~4%
+        of a CartPole rollout); the batch's tensors are assembled outside it, so training can differentiate
+        through them. A policy must therefore not keep tensors made in ``forward`` for later backward passes.
+        """
+        device, dtype = _device_and_dtype(policy)
         if self._obs is None:
             self._obs, _ = self.envs.reset(seed=self.seed)
         num_steps = self.steps_per_env if num_steps is None else num_steps
@@ -99,41 +103,46 @@ class RolloutCollector:
         length_before = torch.as_tensor(self._ep_length.copy())
 
         action_space = self.envs.single_action_space
-        # Per step only what the step needs: numpy stores and list appends, no torch indexing.
-        obs_np = np.empty((num_steps + 1, num_envs, *obs_shape), dtype=np.float32)
-        actions, logps = [], []
-        for t in range(num_steps):
-            obs_np[t] = self._obs  # float32, whatever the env's dtype (MuJoCo's is float64)
-            dist = policy(torch.from_numpy(obs_np[t]).to(device))
-            action = dist.sample()
-            logps.append(dist.log_prob(action))
-            actions.append(action)
-            env_action = to_env_action(action.cpu().numpy(), action_space)
-            try:
-                self._obs, reward, term, trunc, _ = self.envs.step(env_action)
-            except Exception as error:
-                raise EnvStepError(
-                    f"environment {self.name} raised at env step {self.env_steps + int(valid[:t].sum())} "
-                    f"(step {t} of this batch): {type(error).__name__}: {error}"
-                ) from error
-            # Raw env outputs now; the reset-step masks are applied to whole arrays after the loop.
-            rew[t], terminated[t], truncated[t] = reward, term, trunc
-            valid[t] = ~self._reset_next
-            self._reset_next = term | trunc
-        obs_np[num_steps] = self._obs
+        # Storage for the whole batch, allocated once here: per step only row writes into numpy buffers. Keeping
+        # each step's action and log-prob tensors alive instead costs ~10% at 1024 envs (fresh memory every step).
+        obs = np.empty((num_steps + 1, num_envs, *obs_shape), dtype=np.float32)
+        act = np.empty((num_steps, num_envs, *action_space.shape), dtype=_sample_dtype(action_space, dtype))
+        logp = torch.empty((num_steps, num_envs), dtype=dtype, device=device)
+        on_host = device.type == "cpu"
+        logp_rows = logp.numpy() if on_host else logp  # a numpy row write costs ~1 us, torch's ~3 us
+        with torch.inference_mode():
+            for t in range(num_steps):
+                obs[t] = self._obs  # float32, whatever the env's dtype (MuJoCo's is float64)
+                dist = policy(torch.from_numpy(obs[t]).to(device))
+                action = dist.sample()
+                step_logp = dist.log_prob(action)
+                logp_rows[t] = step_logp.numpy() if on_host else step_logp  # stays on the policy's device
+                act[t] = action.cpu().numpy()  # the env needs the action on the host anyway
+                try:
+                    self._obs, reward, term, trunc, _ = self.envs.step(to_env_action(act[t], action_space))
+                except Exception as error:
+                    raise EnvStepError(
+                        f"environment {self.name} raised at env step {self.env_steps + int(valid[:t].sum())} "
+                        f"(step {t} of this batch): {type(error).__name__}: {error}"
+                    ) from error
+                # Raw env outputs now; the reset-step masks are applied to whole arrays after the loop.
+                rew[t], terminated[t], truncated[t] = reward, term, trunc
+                valid[t] = ~self._reset_next
+                self._reset_next = term | trunc
+        obs[num_steps] = self._obs
         rew *= valid
         terminated &= valid
         truncated &= valid
         self._track_episodes(rew, valid, terminated | truncated)
 
         return RolloutBatch(
-            obs=torch.from_numpy(obs_np).to(device),
-            act=torch.stack(actions),
+            obs=torch.from_numpy(obs).to(device),
+            act=torch.from_numpy(act).to(device),
             rew=torch.from_numpy(rew).to(device),
             terminated=torch.from_numpy(terminated).to(device),
             truncated=torch.from_numpy(truncated).to(device),
             valid=torch.from_numpy(valid).to(device),
-            logp_behavior=torch.stack(logps),
+            logp_behavior=logp,
             return_before=return_before.to(device),
             length_before=length_before.to(device),
         )
@@ -141,40 +150,44 @@ class RolloutCollector:
     def _track_episodes(self, rew: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
         """Continue the running episodes through a batch ``[T, B]``; record those that ended in it.
 
-        After the loop, not per step: running sums over time give each finished episode's return and
-        length (the first one of env b adds what its episode had before the batch, ``_ep_return`` and
-        ``_ep_length``); the steps after env b's last ``done`` run on into the next batch. Their
-        discounted return-so-far Σ_k γ^k r_k (k from the episode's first step) is the tail's own discounted
-        sum times γ^(steps before this batch) when the episode began earlier.
+        Once per batch, not per step, and without a pass over ``[T, B]`` for lengths: with NEXT_STEP autoreset
+        the invalid steps are exactly the reset steps, the step after each ``done`` (step 0 when the previous
+        batch ended with one). So an episode's length is the distance between its env's consecutive ends
+        less that reset step, and its return a difference of running sums over time. Env b's first episode
+        adds what it had before the batch (``_ep_return``, ``_ep_length``). The steps after env b's last end
+        (its tail) run on into the next batch, which needs their discounted return-so-far Σ_k γ^k r_k, k
+        counted from the episode's first step: the tail's own discounted sum, times γ^(steps before this
+        batch) when the episode began earlier.
         """
         num_steps, num_envs = rew.shape
         envs = np.arange(num_envs)
-        self.env_steps += int(valid.sum())
+        reset_at_0 = ~valid[0]
+        self.env_steps += int(np.count_nonzero(valid))
         # torch's cumsum over time is several times faster than numpy's on [T, B] (zero-copy views).
         cum_return = torch.from_numpy(rew).cumsum(0, dtype=torch.float64).numpy()  # [T, B]
-        cum_length = torch.from_numpy(valid).cumsum(0).numpy()
         ended_env, ended_t = np.nonzero(done.T)  # env by env, in time order
         first = np.ones(len(ended_env), dtype=bool)
         first[1:] = ended_env[1:] != ended_env[:-1]
-        previous = np.concatenate([[0], ended_t[:-1]])
+        previous = np.concatenate([[0], ended_t[:-1]])  # the env's previous end, where there is one
         returns = cum_return[ended_t, ended_env] - np.where(first, 0.0, cum_return[previous, ended_env])
-        lengths = cum_length[ended_t, ended_env] - np.where(first, 0, cum_length[previous, ended_env])
+        lengths = np.where(first, ended_t + 1 - reset_at_0[ended_env], ended_t - previous - 1)
         returns += np.where(first, self._ep_return[ended_env], 0.0)
         lengths += np.where(first, self._ep_length[ended_env], 0)
         self.episodes.returns.extend(returns.tolist())
         self.episodes.lengths.extend(lengths.tolist())
-        # The tail: steps after the last done (the whole column if there is none).
+        # The tail: valid steps from tail_start (T or T + 1 when the last end is at T - 2 or T - 1: empty).
         last_done = np.full(num_envs, -1)
-        last_done[ended_env] = ended_t  # ended_t increases within an env, so the last write is the last done
+        last_done[ended_env] = ended_t  # ended_t increases within an env, so the last write is the last end
         any_done = last_done >= 0
-        at_last_done = np.maximum(last_done, 0)
-        tail_return = cum_return[-1] - np.where(any_done, cum_return[at_last_done, envs], 0.0)
-        tail_length = cum_length[-1] - np.where(any_done, cum_length[at_last_done, envs], 0)
-        # Discounted return of the tail: step t is the tail's k-th valid step, k = valid steps after the last done.
-        k = cum_length - np.where(any_done, cum_length[at_last_done, envs], 0) - 1
-        in_tail = valid & (np.arange(num_steps)[:, None] > last_done)
-        powers = self.gamma ** np.arange(num_steps, dtype=np.float64)  # γ^k, k < T: a lookup, no overflow
-        tail_discounted = (powers[np.clip(k, 0, num_steps - 1)] * rew * in_tail).sum(0)
+        tail_start = np.where(any_done, last_done + 2, reset_at_0)
+        tail_length = np.maximum(num_steps - tail_start, 0)
+        tail_return = cum_return[-1] - np.where(any_done, cum_return[np.maximum(last_done, 0), envs], 0.0)
+        # Σ_t γ^(t - tail_start) r_t in one gather: k = t - tail_start < 0 (before the tail) indexes the zeros
+        # after γ^0 … γ^(T-1). A lookup, so no γ^-k overflow; int32 k halves the memory traffic.
+        powers = np.zeros(2 * num_steps + 2)
+        powers[:num_steps] = self.gamma ** np.arange(num_steps, dtype=np.float64)
+        k = np.arange(num_steps, dtype=np.int32)[:, None] - tail_start.astype(np.int32)
+        tail_discounted = np.einsum("tb,tb->b", powers[k], rew)
         began_before = ~any_done
         self._ep_disc_return = np.where(
             began_before, self._ep_disc_return + self.gamma ** self._ep_length * tail_discounted, tail_discounted
@@ -233,9 +246,17 @@ class RolloutDataset(IterableDataset):
         yield self.collect()
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the module's parameters live and their dtype (CPU and the default dtype if it has none)."""
     param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.get_default_dtype())
+
+
+def _sample_dtype(action_space: gym.Space, dtype: torch.dtype) -> np.dtype:
+    """What a policy's ``sample()`` returns: class indices (int64) for ``Discrete``, its float ``dtype`` for ``Box``."""
+    if isinstance(action_space, gym.spaces.Discrete):
+        return np.dtype(np.int64)
+    return torch.empty((), dtype=dtype).numpy().dtype
 
 
 def collect(

@@ -163,12 +163,14 @@ def random_batches(num_batches, num_steps, num_envs, seed):
     return batches
 
 
-def test_vectorised_episode_tracking_equals_the_per_step_reference():
+@pytest.mark.parametrize(("num_steps", "num_envs", "seed"), [(13, 5, 0), (1, 7, 1), (2, 6, 2), (40, 3, 3)])
+def test_vectorised_episode_tracking_equals_the_per_step_reference(num_steps, num_envs, seed):
+    """Also T = 1 and 2, where episodes end at T - 1 and T - 2 and the next batch starts with a reset step."""
     gamma = 0.9
-    batches = random_batches(num_batches=6, num_steps=13, num_envs=5, seed=0)
+    batches = random_batches(num_batches=30, num_steps=num_steps, num_envs=num_envs, seed=seed)
     collector = RolloutCollector(counting_envs([3]), steps_per_env=1, gamma=gamma)
-    collector._ep_return, collector._ep_disc_return = np.zeros(5), np.zeros(5)
-    collector._ep_length = np.zeros(5, dtype=np.int64)
+    collector._ep_return, collector._ep_disc_return = np.zeros(num_envs), np.zeros(num_envs)
+    collector._ep_length = np.zeros(num_envs, dtype=np.int64)
     expected_finished, expected_carried = per_step_reference(batches, gamma)
     for (rew, valid, done), (disc_before, length_before) in zip(batches, expected_carried):
         np.testing.assert_allclose(collector._ep_disc_return, disc_before, rtol=1e-5, atol=1e-6)
