@@ -183,11 +183,13 @@ class RolloutCollector:
         tail_length = np.maximum(num_steps - tail_start, 0)
         tail_return = cum_return[-1] - np.where(any_done, cum_return[np.maximum(last_done, 0), envs], 0.0)
         # Σ_t γ^(t - tail_start) r_t in one gather: k = t - tail_start < 0 (before the tail) indexes the zeros
-        # after γ^0 … γ^(T-1). A lookup, so no γ^-k overflow; int32 k halves the memory traffic.
+        # after γ^0 … γ^(T-1). A lookup, so no γ^-k overflow; int32 k halves the memory traffic. Rows before
+        # the earliest tail start weigh nothing in any env and are skipped.
         powers = np.zeros(2 * num_steps + 2)
         powers[:num_steps] = self.gamma ** np.arange(num_steps, dtype=np.float64)
-        k = np.arange(num_steps, dtype=np.int32)[:, None] - tail_start.astype(np.int32)
-        tail_discounted = np.einsum("tb,tb->b", powers[k], rew)
+        from_row = min(int(tail_start.min()), num_steps)
+        k = np.arange(from_row, num_steps, dtype=np.int32)[:, None] - tail_start.astype(np.int32)
+        tail_discounted = np.einsum("tb,tb->b", powers[k], rew[from_row:])
         began_before = ~any_done
         self._ep_disc_return = np.where(
             began_before, self._ep_disc_return + self.gamma ** self._ep_length * tail_discounted, tail_discounted
