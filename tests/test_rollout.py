@@ -36,6 +36,22 @@ def test_gaussian_batch_keeps_unclipped_actions_and_their_log_prob():
     torch.testing.assert_close(policy(batch.obs[:-1]).log_prob(batch.act), batch.logp_behavior)
 
 
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_batch_from_inference_mode_is_differentiable_and_typed_like_the_samples(env_id):
+    """The policy runs under inference mode; the batch must still be ordinary tensors that training backprops through."""
+    envs = VectorEnvFactory(env_id, num_envs=3).make()
+    policy = mlp_policy(envs.single_observation_space, envs.single_action_space)
+    batch = RolloutCollector(envs, steps_per_env=9, seed=0).collect(policy)
+    for name in ("obs", "act", "rew", "valid", "logp_behavior"):
+        assert not getattr(batch, name).is_inference(), name
+    expected_dtype = torch.int64 if env_id == "CartPole-v1" else torch.float32
+    assert batch.act.dtype == expected_dtype and batch.logp_behavior.dtype == torch.float32
+    logp = policy(batch.obs[:-1]).log_prob(batch.act)
+    torch.testing.assert_close(logp.detach(), batch.logp_behavior)
+    (logp * batch.valid).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in policy.parameters())
+
+
 def test_reset_steps_are_masked_and_episodes_carry_over():
     # Episodes of 3 steps: done at t = 2, reset step at t = 3, next episode at t = 4, 5, 6, reset at 7, ...
     envs = counting_envs([3])
