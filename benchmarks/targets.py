@@ -1,12 +1,12 @@
 """Issue 7's four performance targets, measured in one run, side by side.
 
-    pip install -e ".[bench]"          # stable-baselines3, for the time-to-solve reference
+    pip install torch==2.13.0 -e ".[bench]"   # stable-baselines3, for the time-to-solve reference
     python benchmarks/targets.py [--seeds 0 1 2] [--repeats 11]
 
 Runs the benchmark scripts one after another (never two at once: on 2 cores two torch processes slow each
 other many times over), each in its own process, reads the JSON each writes to ``benchmarks/results/``
 and prints one line per target: the measured figure, the target and whether it is met. Writes
-``benchmarks/results/targets.json``. Exit status 1 if a target is missed. About 4 minutes on 2 cores.
+``benchmarks/results/targets.json``. Exit status 1 if a target is missed. About 2-3 minutes on 2 cores.
 """
 
 from __future__ import annotations
