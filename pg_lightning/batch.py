@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import torch
 
 
+# Fields of shape [B]; every other field is time-major, [T, B, ...].
+PER_ENV_FIELDS = ("return_before", "length_before", "steps_taken")
+
+
 @dataclass
 class RolloutBatch:
     """Experience from ``T`` steps of ``B`` parallel environments, time-major.
@@ -26,6 +30,9 @@ class RolloutBatch:
     ``return_before``   ``[B]``              Σ_k γ^k r_k of the episode running at step 0, over the steps it
                                              had before this batch (0 for an episode that starts here)
     ``length_before``   ``[B]`` int64        how many steps that episode had before this batch
+    ``steps_taken``     ``[B]`` int64        env steps each env took for this batch: its ``valid`` steps and
+                                             the steps of episodes the batch does not use (an env waiting
+                                             for the others in a whole-episode batch); None: ``valid``'s
     ==================  ===================  ===============================================================
 
     ``return_before`` is discounted with the ``gamma`` the collector was given, so that REINFORCE can
@@ -41,6 +48,7 @@ class RolloutBatch:
     logp_behavior: torch.Tensor
     return_before: torch.Tensor
     length_before: torch.Tensor
+    steps_taken: torch.Tensor | None = None
 
     @property
     def done(self) -> torch.Tensor:
@@ -59,14 +67,19 @@ class RolloutBatch:
 
     @property
     def env_steps(self) -> int:
-        """Real transitions in the batch: every step but the masked reset steps."""
+        """Env steps taken for this batch (what a budget counts): used or not, every step but the reset steps."""
+        return int(self.valid.sum() if self.steps_taken is None else self.steps_taken.sum())
+
+    @property
+    def used_steps(self) -> int:
+        """Steps of the batch's episodes (``valid``), the ones an estimator may use."""
         return int(self.valid.sum())
 
     def select_envs(self, index: torch.Tensor | slice) -> RolloutBatch:
         """The batch restricted to the envs (columns) ``index``."""
         return RolloutBatch(
             **{
-                name: value[index] if name in ("return_before", "length_before") else value[:, index]
+                name: value if value is None else value[index] if name in PER_ENV_FIELDS else value[:, index]
                 for name, value in vars(self).items()
             }
         )

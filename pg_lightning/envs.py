@@ -25,6 +25,8 @@ class VectorEnvFactory:
         observation_indices: keep only these observation entries, e.g. ``[0, 2]`` hides CartPole's
             velocities (a POMDP, lecture §3.3). ``None`` keeps them all.
         reward_threshold: the return at which the env counts as solved; ``None`` takes the env spec's.
+        max_episode_steps: the time limit (episodes are truncated after this many steps); ``None`` takes
+            the env spec's. Whole-episode batches need one, or a batch might never end.
         kwargs: keyword arguments for the env's constructor.
 
     The env's native vectorised implementation is used where it has one (CartPole-v1 does), else a
@@ -35,6 +37,7 @@ class VectorEnvFactory:
     num_envs: int = 8
     observation_indices: Sequence[int] | None = None
     reward_threshold: float | None = None
+    max_episode_steps: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -45,17 +48,30 @@ class VectorEnvFactory:
             raise ValueError(f"env.id {self.id!r} is not a registered gymnasium environment{hint}")
         if self.reward_threshold is None:
             self.reward_threshold = gym.spec(self.id).reward_threshold
+        if self.max_episode_steps is not None:
+            require("env.max_episode_steps", self.max_episode_steps, positive_int, "a positive integer or null")
+
+    @property
+    def time_limit(self) -> int | None:
+        """The episode cap in steps: ``max_episode_steps`` if set, else the env spec's (None if neither has one)."""
+        return self.max_episode_steps if self.max_episode_steps is not None else gym.spec(self.id).max_episode_steps
+
+    def _make_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.kwargs)
+        if self.max_episode_steps is not None:
+            kwargs["max_episode_steps"] = self.max_episode_steps  # gym.make's TimeLimit, or a native vector env's cap
+        return kwargs
 
     def make(self, num_envs: int | None = None) -> VectorEnv:
         """A new vector env of ``num_envs`` (default ``self.num_envs``) copies; not yet reset."""
         num_envs = self.num_envs if num_envs is None else num_envs
         spec = gym.spec(self.id)
         mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
-        envs = gym.make_vec(self.id, num_envs=num_envs, vectorization_mode=mode, **dict(self.kwargs))
+        envs = gym.make_vec(self.id, num_envs=num_envs, vectorization_mode=mode, **self._make_kwargs())
         if mode == "sync":
             # make_vec's env factories are closures; partials make the vector env picklable whenever its
             # envs are, so that a checkpoint can hold the envs' state (RolloutCollector.state_dict).
-            envs.env_fns = [partial(gym.make, self.id, **dict(self.kwargs))] * num_envs
+            envs.env_fns = [partial(gym.make, self.id, **self._make_kwargs())] * num_envs
         if self.observation_indices is not None:
             envs = _select_observations(envs, list(self.observation_indices))
         return envs

@@ -5,33 +5,43 @@ The pseudo-loss (``gradient.policy_loss``) is the same for every estimator; they
     preset             Ψ_t                                                           lecture
     reinforce          R(τ) = Σ_k γ^k r_k, the whole episode's return                 §2
     reward_to_go       Q_t = Σ_{t'≥t} γ^{t'-t} r_t'                                   §5.1
-    reinforce_baseline R(τ) - b, b = average return of the batch's other trajectories §5.2
-    baseline           Q_t - b,  b = average Q over the batch's other trajectories     §5.2
+    reinforce_baseline R(τ) - b, b = average return over the other envs' steps       §5.2
+    baseline           Q_t - b,  b = average Q over the other envs' steps              §5.2
     optimal_baseline   R(τ) - b*_k per parameter k, b*_k = E[g_k² R] / E[g_k²]        §5.2
     value_baseline     Q̂_t - V_φ(s_t), Q̂ bootstrapped with V_φ where an episode is cut    §5.2 (learned)
     gae                A_t^{GAE(γ, λ)} with V_φ                                        Schulman et al. 2016
 
-``normalize=True`` standardises Ψ over the batch (any preset).
+``normalize=True`` standardises Ψ with the other envs' mean and std (any preset).
 
-Episodes cut by the end of a batch
-----------------------------------
-A batch is ``T`` steps of each env, and episodes run on across batches. For a step whose episode is
-still running at the batch's last step, Q_t and R(τ) depend on rewards that have not happened yet.
+Which batches each preset gets
+------------------------------
+Q_t and R(τ) need the rest of the episode. Training therefore gives each preset one of two kinds of
+batch (``RolloutCollector``, chosen by ``PolicyGradientModule(whole_episodes=...)``):
 
-- Presets with a value function bootstrap it: Q̂ adds γ V_φ(obs[T]) at the cut, exactly as after a
-  time-limit truncation (γ V_φ(final obs)); after a termination the value is 0. Every step is used.
-- Presets without one cannot, so those steps are left out of the loss (``mask`` False); they still
-  count as env steps. The episode continues in the next batch, where its remaining steps are used with
-  their exact Q_t, and REINFORCE's R(τ) includes what the episode earned before that batch
-  (``RolloutBatch.return_before``). A time-limit truncation is the end of the finite-horizon episode
-  (the lecture's sum runs to T) and is used like a termination.
+- Presets without a value function get **whole episodes**: each env collects episodes until it has T
+  steps of them and finishes the one it is in; an episode is in the batch iff it started before its env
+  had T steps. Inclusion is decided before an episode starts, so Σ over the batch's episodes of the
+  per-episode estimate has mean E[N] ∇J (Wald's identity): unbiased, up to the positive 1/N. Keeping
+  only the steps whose episode happens to end inside a fixed window of T steps would not be: that
+  selects on the future (short episodes, and the actions that end them, are over-represented).
+- Presets with a value function get **T steps of every env** by default, episodes running on across
+  batches: Ψ bootstraps γ V_φ(obs[T]) at the cut, exactly as after a time-limit truncation
+  (γ V_φ(final obs)); after a termination the value is 0. Every step is used. Whole episodes are
+  available to them too (``whole_episodes=true``).
+
+A time-limit truncation is the end of the finite-horizon episode (the lecture's sum runs to T) and is
+used like a termination by the presets without a value function. Given a batch with an episode still
+running at its end (``collect(..., whole_episodes=False)``), those presets leave that episode's steps out
+(``mask`` False): they have no weight to give them.
 
 ``N`` in the pseudo-loss is the number of trajectory segments (episodes, or their parts inside the
 batch) that have a used step; for a batch of whole episodes it is the number of episodes.
 
-Batch baselines (``average``, ``optimal``) leave the weighted trajectory out of their own average, so
-they are independent of its actions and the estimate stays unbiased; every statistic they use is a sum
-over trajectories, which a multi-process run all-reduces (``distributed.Reduction``).
+Batch statistics (the ``average`` and ``optimal`` baselines, ``normalize``) for env b's steps come from
+the *other* envs only, so they are independent of env b's actions and the estimate stays unbiased. Not
+merely the other trajectories: in a whole-episode batch the number of episodes that follow an episode in
+its env depends on that episode's length. Every statistic is a sum over envs, which a multi-process run
+all-reduces (``distributed.Reduction``); so they need at least two envs over all processes.
 """
 
 from __future__ import annotations
@@ -99,12 +109,12 @@ class Estimator:
         name: the preset's name, as reported in ``summary.json``.
         gamma: discount γ in [0, 1].
         reward_to_go: weight step t by its reward-to-go Q_t (causality, §5.1) instead of R(τ).
-        baseline: ``none``; ``average`` (leave-one-out batch mean of the weights); ``optimal``
+        baseline: ``none``; ``average`` (the other envs' mean of the weights); ``optimal``
             (per-parameter b*, trajectory form: needs ``reward_to_go=False``; costs one batched backward
             pass per batch giving an ``[N, P]`` matrix of per-trajectory score vectors); ``value``
             (learned V_φ: needs ``value`` and ``reward_to_go=True``).
         gae_lambda: λ of GAE for ``baseline=value``; 1 is the plain value baseline Q̂_t - V(s_t).
-        normalize: standardise the weights over the batch's used steps.
+        normalize: standardise the weights with the mean and std of the other envs' used steps.
         value: the value function's settings, for ``baseline=value`` only.
     """
 
@@ -138,6 +148,11 @@ class Estimator:
     def needs_value(self) -> bool:
         return self.baseline == "value"
 
+    @property
+    def needs_other_envs(self) -> bool:
+        """Its weights use statistics of the other envs (a batch baseline or ``normalize``)."""
+        return self.baseline in ("average", "optimal") or self.normalize
+
     def __call__(
         self, batch: RolloutBatch, values: torch.Tensor | None = None, reduction: Reduction = LOCAL
     ) -> EstimatorOutput:
@@ -167,7 +182,7 @@ class Estimator:
                     batch.rew, done, batch.valid, self.gamma, batch.return_before, batch.length_before
                 )
             if self.baseline == "average":
-                weights = weights - F.leave_one_out_mean(weights, mask, segments, reduction)
+                weights = weights - F.other_envs_mean(weights, mask, reduction)
         if self.normalize:
             weights = F.standardize(weights, mask, reduction=reduction)
         num_segments = reduction.sum(torch.tensor(torch.unique(segments[mask]).numel(), device=weights.device))
@@ -191,12 +206,12 @@ def reward_to_go(gamma: float = 0.99) -> Estimator:
 
 
 def baseline(gamma: float = 0.99) -> Estimator:
-    """Reward-to-go minus the leave-one-out batch average (lecture §5.2)."""
+    """Reward-to-go minus the other envs' average (lecture §5.2)."""
     return Estimator(name="baseline", gamma=gamma, reward_to_go=True, baseline="average")
 
 
 def reinforce_baseline(gamma: float = 0.99) -> Estimator:
-    """R(τ) minus the leave-one-out average return (lecture §5.2 as written)."""
+    """R(τ) minus the other envs' average return (lecture §5.2 as written)."""
     return Estimator(name="reinforce_baseline", gamma=gamma, reward_to_go=False, baseline="average")
 
 

@@ -180,27 +180,22 @@ def segment_sum(values: torch.Tensor, ids: torch.Tensor, num_segments: int) -> t
     return values.new_zeros(num_segments).index_add(0, ids[keep], values[keep])
 
 
-def leave_one_out_mean(
-    values: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, reduction: Reduction = LOCAL
-) -> torch.Tensor:
-    """``[T, B]``: for each step, the mean of ``values`` over the used steps of *other* segments.
+def other_envs_mean(values: torch.Tensor, mask: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
+    """``[B]``: for each env b, the mean of ``values [T, B]`` over the used steps of the *other* envs.
 
-        b_i = (Σ_j S_j - S_i) / (Σ_j n_j - n_i),   S_i, n_i = sum and count of segment i's used steps
+        b_env = (Σ_{e≠env} S_e) / (Σ_{e≠env} n_e),   S_e, n_e = sum and count of env e's used steps
 
-    Leaving the step's own trajectory out keeps a batch baseline independent of the actions it
-    weights, so the estimator stays unbiased (lecture §5.2: E[∇ log π · b] = 0 needs b independent of a).
-    Both totals are sums: ``reduction`` makes them totals over all processes. 0 where no other segment has a
-    used step.
+    A baseline for env b's steps must not depend on their actions (lecture §5.2: E[∇ log π · b] = 0
+    needs b independent of a). Other envs are independent of env b. Env b's own other episodes are not:
+    in a whole-episode batch, how many episodes follow an episode in its env depends on how long that
+    episode was. Both totals are sums: ``reduction`` makes them totals over all processes (other ranks'
+    envs are other envs too). 0 where no other env has a used step.
     """
-    num_segments = int(ids.max()) + 1 if ids.numel() else 0
-    used_ids = torch.where(mask, ids, torch.full_like(ids, -1))
-    seg_sum = segment_sum(values * mask, used_ids, num_segments)
-    seg_count = segment_sum(mask.to(values.dtype), used_ids, num_segments)
-    own = ids.clamp(min=0)
-    total_sum, total_count = reduction.sum(torch.stack([seg_sum.sum(), seg_count.sum()]))
-    others_sum = total_sum - seg_sum[own]
-    others_count = total_count - seg_count[own]
-    return torch.where(others_count > 0, others_sum / others_count.clamp(min=1), torch.zeros_like(values))
+    own_sum = (values * mask).sum(0)
+    own_count = mask.to(values.dtype).sum(0)
+    total_sum, total_count = reduction.sum(torch.stack([own_sum.sum(), own_count.sum()]))
+    others_count = total_count - own_count
+    return torch.where(others_count > 0, (total_sum - own_sum) / others_count.clamp(min=1), torch.zeros_like(own_sum))
 
 
 def generalized_advantages(
@@ -234,33 +229,54 @@ def generalized_advantages(
 
 
 def standardize(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduction: Reduction = LOCAL) -> torch.Tensor:
-    """``(values - mean) / std`` over the masked steps (advantage normalisation); 0 off the mask.
+    """``(values - μ) / σ`` with μ, σ the mean and std of the *other* envs' masked steps; 0 off the mask.
 
-    Mean and variance come from the sums (n, Σx, Σ(x - shift)²) reduced over all processes.
+    Env b's weights are shifted and scaled by statistics independent of env b (see ``other_envs_mean``):
+    the shift is a valid baseline and 1/(σ + eps) a positive factor independent of env b's actions, so
+    the estimate stays an unbiased direction (E[ĝ] = E[1/σ] ∇J up to the baseline's zero mean).
+    Normalising with the batch's own statistics, env b included, would not be (with 2 envs the mean is
+    half env b's). Where no other env has used steps (one env on one process) the env's own statistics
+    are used. Sums n, Σx, Σx² are reduced over all processes, in float64 around a shared centre.
     """
-    used = mask.to(values.dtype)
-    count, total = reduction.sum(torch.stack([used.sum(), (values * used).sum()]))
-    mean = total / count.clamp(min=1)
-    variance = reduction.sum(((values - mean) ** 2 * used).sum()) / count.clamp(min=1)
-    return (values - mean) / (variance.sqrt() + eps) * mask
+    used = mask.to(torch.float64)
+    x = values.double()
+    count, total = reduction.sum(torch.stack([used.sum(), (x * used).sum()]))
+    centred = (x - total / count.clamp(min=1)) * used  # any shared shift gives the same result; this one is stable
+    own = torch.stack([used.sum(0), centred.sum(0), (centred**2).sum(0)])  # [3, B]
+    totals = reduction.sum(own.sum(1))  # [3]
+    others = totals[:, None] - own
+    alone = others[0] <= 0
+    stats = torch.where(alone, own, others)
+    n = stats[0].clamp(min=1)
+    mean = stats[1] / n
+    std = (stats[2] / n - mean**2).clamp(min=0).sqrt()
+    out = (centred - mean) / (std + eps) * used
+    return out.to(values.dtype)
 
 
-def optimal_baseline(scores: torch.Tensor, returns: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
-    """Per-parameter optimal baseline of lecture §5.2, leave-one-out: ``[N, P]``.
+def optimal_baseline(
+    scores: torch.Tensor, returns: torch.Tensor, envs: torch.Tensor, num_envs: int, reduction: Reduction = LOCAL
+) -> torch.Tensor:
+    """Per-parameter optimal baseline of lecture §5.2, from the other envs' trajectories: ``[N, P]``.
 
         b*_k = E[g_k² R] / E[g_k²],   g = Σ_t ∇_θ log π(a_t|s_t) of one trajectory
 
-    For trajectory i, both expectations are taken over the *other* trajectories (so b is independent
-    of trajectory i's actions and the estimate stays unbiased). ``scores`` is ``[N, P]`` (g per
-    trajectory), ``returns`` ``[N]`` (R per trajectory). Where Σ_{j≠i} g_jk² = 0 the baseline is 0.
-    The sums over trajectories are reduced over all processes by ``reduction``.
+    For trajectory i of env e, both expectations are taken over the trajectories of the *other* envs,
+    so b is independent of trajectory i's actions and the estimate stays unbiased (see
+    ``other_envs_mean`` for why not merely the other trajectories). ``scores`` is ``[N, P]`` (g per
+    trajectory), ``returns`` ``[N]`` (R per trajectory), ``envs`` ``[N]`` the env of each trajectory
+    (0 … ``num_envs`` - 1). Where Σ_{j∉e} g_jk² = 0 the baseline is 0. The sums over trajectories are
+    reduced over all processes by ``reduction``.
     """
     g2 = scores**2
     g2r = g2 * returns[:, None]
-    total_g2, total_g2r = reduction.sum(torch.stack([g2.sum(0), g2r.sum(0)]))
-    others_g2 = total_g2 - g2
-    others_g2r = total_g2r - g2r
-    return torch.where(others_g2 > 0, others_g2r / others_g2.clamp(min=torch.finfo(g2.dtype).tiny), torch.zeros_like(g2))
+    own_g2 = g2.new_zeros(num_envs, g2.shape[1]).index_add(0, envs, g2)
+    own_g2r = g2.new_zeros(num_envs, g2.shape[1]).index_add(0, envs, g2r)
+    total_g2, total_g2r = reduction.sum(torch.stack([own_g2.sum(0), own_g2r.sum(0)]))
+    others_g2 = (total_g2 - own_g2)[envs]
+    others_g2r = (total_g2r - own_g2r)[envs]
+    tiny = torch.finfo(g2.dtype).tiny
+    return torch.where(others_g2 > 0, others_g2r / others_g2.clamp(min=tiny), torch.zeros_like(g2))
 
 
 def flatten(tensors) -> torch.Tensor:

@@ -94,7 +94,10 @@ def _optimal_baseline_surrogate(
     steps = F.segment_sum(estimate.mask.to(logp.dtype), segments, num_segments)
     # R(τ) is the same at every step of a trajectory: its segment mean recovers it.
     returns = F.segment_sum(estimate.weights, segments, num_segments) / steps.clamp(min=1)
-    baseline = F.optimal_baseline(scores, returns, reduction)
+    columns = torch.arange(batch.num_envs, device=segments.device).expand_as(segments)
+    envs = torch.zeros(num_segments, dtype=torch.long, device=segments.device)
+    envs[segments[used]] = columns[used]  # the env of each trajectory
+    baseline = F.optimal_baseline(scores, returns, envs, batch.num_envs, reduction)
     ascent = (scores * (returns[:, None] - baseline)).sum(0) / estimate.num_segments.clamp(min=1)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # same order as ``names``
     return -sum((p * g).sum() for p, g in zip(trainable, F.unflatten_like(ascent, trainable)))

@@ -153,3 +153,22 @@ def chain(length: int = 4, horizon: int = 4, p_right: float = 0.7, reward_noise:
     terminal = np.zeros(length, dtype=bool)
     terminal[-1] = True
     return TabularMDP(transitions, rewards, terminal, horizon=horizon, reward_noise=reward_noise)
+
+
+def random_length(horizon: int = 30, reward_noise: float = 0.5) -> TabularMDP:
+    """Three states, three actions, episodes of random length (about 7 steps under a uniform policy).
+
+    State 2 is terminal. Every action can end the episode (10–30% per step) and each changes that chance,
+    so the actions decide how long an episode lasts, which is what a batch rule that selects on episode
+    ends would get wrong. Rewards are positive and depend on state and action. ``horizon`` caps the length.
+    """
+    transitions = np.array(
+        [
+            [[0.6, 0.3, 0.1], [0.2, 0.6, 0.2], [0.45, 0.45, 0.1]],
+            [[0.5, 0.45, 0.05], [0.3, 0.5, 0.2], [0.1, 0.6, 0.3]],
+            [[0.0, 0.0, 1.0]] * 3,
+        ]
+    )
+    rewards = np.array([[1.0, 2.0, 0.5], [0.5, 1.5, 3.0], [0.0, 0.0, 0.0]])
+    terminal = np.array([False, False, True])
+    return TabularMDP(transitions, rewards, terminal, horizon=horizon, reward_noise=reward_noise)

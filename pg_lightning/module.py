@@ -73,6 +73,11 @@ class PolicyGradientModule(LightningModule):
             in ``diag/skipped_updates``); this many in a row stop training with ``NonFiniteUpdatesError``.
         off_policy: importance-sampled reuse of past batches (``OffPolicy``); default on-policy.
         max_iterations: stop after this many iterations (batches) as well, e.g. "100 iterations of batch 1000".
+        whole_episodes: the batch rule (``RolloutCollector``). True: each env collects whole episodes until
+            it has ``steps_per_env`` steps of them (an unbiased gradient with any estimator; needs a time
+            limit). False: exactly ``steps_per_env`` steps of each env, episodes cut by the batch end and
+            bootstrapped with V_φ (value presets only). ``None``: True for estimators without a value
+            function, False for those with one.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class PolicyGradientModule(LightningModule):
         max_skipped_updates: int = 10,
         off_policy: OffPolicy | None = None,
         max_iterations: int | None = None,
+        whole_episodes: bool | None = None,
     ):
         super().__init__()
         require("steps_per_env", steps_per_env, positive_int, "a positive integer")
@@ -103,6 +109,7 @@ class PolicyGradientModule(LightningModule):
             policy = (policy or mlp_policy)(observation_space, action_space)
         self.policy = policy
         self.estimator = estimator or Estimator()
+        self.whole_episodes = self._batch_rule(whole_episodes)
         self.value_fn = (
             ValueFunction.for_space(observation_space, self.estimator.value) if self.estimator.value is not None else None
         )
@@ -131,6 +138,29 @@ class PolicyGradientModule(LightningModule):
         self.iterations = 0
         self.train_return_mean = math.nan
         self._last_step_time: float | None = None
+
+    def _batch_rule(self, whole_episodes: bool | None) -> bool:
+        """Resolve ``whole_episodes`` for this estimator and env; refuse combinations that cannot be unbiased or end."""
+        estimator = self.estimator
+        if whole_episodes is None:
+            whole_episodes = not estimator.needs_value
+        if not whole_episodes and not estimator.needs_value:
+            raise ValueError(
+                f"whole_episodes=false needs a value function to bootstrap the episodes a batch cuts, and estimator "
+                f"{estimator.name!r} has none (its gradient would be biased): leave whole_episodes unset"
+            )
+        if whole_episodes and self.env.time_limit is None:
+            raise ValueError(
+                f"env.max_episode_steps=null: {self.env.id} has no time limit, and a whole-episode batch ends only "
+                "when its episodes do; set env.max_episode_steps to a positive integer"
+            )
+        if estimator.needs_other_envs and not estimator.needs_value and self.env.num_envs < 2:
+            reason = f"baseline={estimator.baseline}" if estimator.baseline != "none" else "normalize=true"
+            raise ValueError(
+                f"env.num_envs=1: estimator {estimator.name!r} ({reason}) takes its statistics for each env from the "
+                "other envs, so that they do not depend on its actions; set env.num_envs to 2 or more"
+            )
+        return whole_episodes
 
     def _check_off_policy(self) -> None:
         kind = self.off_policy.kind
@@ -168,6 +198,7 @@ class PolicyGradientModule(LightningModule):
                 gamma=self.estimator.gamma,
                 seed=self.seed + rank * self.env.num_envs,
                 name=self.env.id,
+                whole_episodes=self.whole_episodes,
             )
             # seed_everything gives every rank the same torch stream: give each rank its own.
             torch.manual_seed(self.seed + 1_000_003 * rank)
@@ -311,7 +342,7 @@ class PolicyGradientModule(LightningModule):
         assert self.collector is not None
         returns, lengths = self.collector.episodes.pop()
         local = torch.tensor(
-            [batch.env_steps, sum(returns), len(returns), sum(lengths), int(mask.sum())],
+            [batch.env_steps, sum(returns), len(returns), sum(lengths), int(mask.sum())],  # taken, used or not
             dtype=torch.float64,
             device=self.device,
         )

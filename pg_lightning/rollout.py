@@ -21,6 +21,7 @@ from gymnasium.vector import VectorEnv
 from torch import nn
 from torch.utils.data import IterableDataset
 
+from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.envs import VectorEnvFactory, check_action_space, to_env_action
 from pg_lightning.validation import positive_int, require
@@ -44,26 +45,48 @@ class EpisodeStats:
 
 
 class RolloutCollector:
-    """Collects ``steps_per_env`` steps of every env of ``envs`` per call, with the given policy.
+    """Collects a batch from every env of ``envs`` per call, with the given policy; two ways to end a batch.
 
-    The envs are reset once (with ``seed``: env ``i`` gets ``seed + i``); afterwards the current
-    observations and the running episodes carry over from one ``collect`` to the next.
+    ``whole_episodes=True`` (what training uses for estimators without a value function): every call
+    resets all envs; each env collects episodes until it has ``steps_per_env`` steps of them, and then
+    finishes the episode it is in. An episode belongs to the batch if and only if it *started* before
+    its env had T steps, a rule decided before the episode begins, so by Wald's identity the sum over
+    the batch's episodes of any per-episode quantity has expectation E[N] times its per-episode mean:
+    the batch is a set of whole episodes sampled with the current policy, as in the lecture (§2).
+    Envs that are done wait for the others while the vector env keeps stepping them; those steps
+    (and the episodes they start) belong to no episode of the batch: they are ``valid = False`` and
+    still counted in ``steps_taken`` and ``env_steps``. The batch's time length varies from call to call.
 
-    gymnasium's vector envs autoreset in NEXT_STEP mode: the step after an episode ends resets that
-    env, ignores its action and returns reward 0. Those steps are marked ``valid = False``.
+    ``whole_episodes=False``: each call steps every env exactly ``steps_per_env`` times; the envs are
+    reset once (with ``seed``), and the current observations and running episodes carry over from one
+    ``collect`` to the next, so episodes are cut by the batch end (only a value function can bootstrap
+    them).
+
+    Either way the first reset uses ``seed`` (env ``i`` gets ``seed + i``) and later resets continue
+    the envs' random streams. gymnasium's vector envs autoreset in NEXT_STEP mode: the step after an
+    episode ends resets that env, ignores its action and returns reward 0; those steps are
+    ``valid = False`` and are not env steps.
 
     Args:
-        envs: a gymnasium vector env (NEXT_STEP autoreset, the gymnasium default).
-        steps_per_env: T, the batch's time length.
+        envs: a gymnasium vector env (NEXT_STEP autoreset, the gymnasium default). With
+            ``whole_episodes`` its episodes must end (a time limit), or a batch never ends.
+        steps_per_env: T.
         gamma: the discount used for ``RolloutBatch.return_before``.
         seed: seed of the first reset; ``None`` leaves the envs unseeded.
         name: how errors name the env (default: the vector env's spec id).
+        whole_episodes: the batch rule above.
 
     An exception raised by the env is re-raised as ``EnvStepError`` naming the env and the env step.
     """
 
     def __init__(
-        self, envs: VectorEnv, steps_per_env: int, gamma: float = 0.99, seed: int | None = None, name: str | None = None
+        self,
+        envs: VectorEnv,
+        steps_per_env: int,
+        gamma: float = 0.99,
+        seed: int | None = None,
+        name: str | None = None,
+        whole_episodes: bool = False,
     ):
         require("steps_per_env", steps_per_env, positive_int, "a positive integer")
         check_action_space(envs.single_action_space)
@@ -73,79 +96,112 @@ class RolloutCollector:
         self.steps_per_env = steps_per_env
         self.gamma = gamma
         self.seed = seed
+        self.whole_episodes = whole_episodes
         self.env_steps = 0
         self.episodes = EpisodeStats()
         num_envs = envs.num_envs
         self._obs: np.ndarray | None = None
+        self._first_reset = True
         self._reset_next = np.zeros(num_envs, dtype=bool)
         self._ep_return = np.zeros(num_envs)
         self._ep_disc_return = np.zeros(num_envs)
         self._ep_length = np.zeros(num_envs, dtype=np.int64)
 
     def collect(self, policy: nn.Module, num_steps: int | None = None) -> RolloutBatch:
-        """Step every env ``num_steps`` (default T) times with actions sampled from ``policy``.
+        """One batch with actions sampled from ``policy``; ``num_steps`` (default T) steps per env.
+
+        With ``whole_episodes`` each env collects whole episodes until it has ``num_steps`` steps of them;
+        otherwise each env takes exactly ``num_steps`` steps (see the class doc).
 
         The policy runs under ``torch.inference_mode`` (no autograd bookkeeping on the per-step tensors, ~4%
         of a CartPole rollout); the batch's tensors are assembled outside it, so training can differentiate
         through them. A policy must therefore not keep tensors made in ``forward`` for later backward passes.
         """
-        device, dtype = _device_and_dtype(policy)
+        num_steps = self.steps_per_env if num_steps is None else num_steps
+        if self.whole_episodes:
+            return self._collect_whole_episodes(policy, num_steps)
+        return self._collect_steps(policy, num_steps)
+
+    def _collect_steps(self, policy: nn.Module, num_steps: int) -> RolloutBatch:
+        """Exactly ``num_steps`` steps of every env, continuing the running episodes."""
+        storage = _Storage.for_collector(self, policy, capacity=num_steps)
         if self._obs is None:
             self._obs, _ = self.envs.reset(seed=self.seed)
-        num_steps = self.steps_per_env if num_steps is None else num_steps
-        num_envs = self.envs.num_envs
-        obs_shape = self.envs.single_observation_space.shape
-        rew = np.zeros((num_steps, num_envs), dtype=np.float32)
-        terminated = np.zeros((num_steps, num_envs), dtype=bool)
-        truncated = np.zeros((num_steps, num_envs), dtype=bool)
-        valid = np.zeros((num_steps, num_envs), dtype=bool)
         return_before = torch.as_tensor(self._ep_disc_return, dtype=torch.float32)
         length_before = torch.as_tensor(self._ep_length.copy())
-
-        action_space = self.envs.single_action_space
-        # Storage for the whole batch, allocated once here: per step only row writes into numpy buffers. Keeping
-        # each step's action and log-prob tensors alive instead costs ~10% at 1024 envs (fresh memory every step).
-        obs = np.empty((num_steps + 1, num_envs, *obs_shape), dtype=np.float32)
-        act = np.empty((num_steps, num_envs, *action_space.shape), dtype=_sample_dtype(action_space, dtype))
-        logp = torch.empty((num_steps, num_envs), dtype=dtype, device=device)
-        on_host = device.type == "cpu"
-        logp_rows = logp.numpy() if on_host else logp  # a numpy row write costs ~1 us, torch's ~3 us
         with torch.inference_mode():
             for t in range(num_steps):
-                obs[t] = self._obs  # float32, whatever the env's dtype (MuJoCo's is float64)
-                dist = policy(torch.from_numpy(obs[t]).to(device))
-                action = dist.sample()
-                step_logp = dist.log_prob(action)
-                logp_rows[t] = step_logp.numpy() if on_host else step_logp  # stays on the policy's device
-                act[t] = action.cpu().numpy()  # the env needs the action on the host anyway
-                try:
-                    self._obs, reward, term, trunc, _ = self.envs.step(to_env_action(act[t], action_space))
-                except Exception as error:
-                    raise EnvStepError(
-                        f"environment {self.name} raised at env step {self.env_steps + int(valid[:t].sum())} "
-                        f"(step {t} of this batch): {type(error).__name__}: {error}"
-                    ) from error
-                # Raw env outputs now; the reset-step masks are applied to whole arrays after the loop.
-                rew[t], terminated[t], truncated[t] = reward, term, trunc
-                valid[t] = ~self._reset_next
-                self._reset_next = term | trunc
-        obs[num_steps] = self._obs
-        rew *= valid
-        terminated &= valid
-        truncated &= valid
-        self._track_episodes(rew, valid, terminated | truncated)
+                self._policy_step(policy, storage, t)
+                storage.valid[t] = ~self._reset_next
+                self._reset_next = storage.terminated[t] | storage.truncated[t]
+        storage.mask_to_valid(num_steps)
+        self._track_episodes(storage.rew[:num_steps], storage.valid[:num_steps], storage.done(num_steps))
+        return storage.batch(num_steps, self._obs, storage.valid[:num_steps].sum(0), return_before, length_before)
 
-        return RolloutBatch(
-            obs=torch.from_numpy(obs).to(device),
-            act=torch.from_numpy(act).to(device),
-            rew=torch.from_numpy(rew).to(device),
-            terminated=torch.from_numpy(terminated).to(device),
-            truncated=torch.from_numpy(truncated).to(device),
-            valid=torch.from_numpy(valid).to(device),
-            logp_behavior=logp,
-            return_before=return_before.to(device),
-            length_before=length_before.to(device),
-        )
+    def _collect_whole_episodes(self, policy: nn.Module, num_steps: int) -> RolloutBatch:
+        """Whole episodes: env b's episodes that start before it has ``num_steps`` steps of them, each to its end."""
+        num_envs = self.envs.num_envs
+        # Room for T steps plus one typical episode; grown (doubled) if an env needs more.
+        storage = _Storage.for_collector(self, policy, capacity=num_steps + num_steps // 4 + 16)
+        self._obs, _ = self.envs.reset(seed=self.seed if self._first_reset else None)
+        self._first_reset = False
+        self._reset_next[:] = False
+        used = np.zeros(num_envs, dtype=np.int64)  # steps of this batch's episodes, per env
+        taken = np.zeros(num_envs, dtype=np.int64)  # env steps (not reset steps), per env
+        collecting = np.ones(num_envs, dtype=bool)  # env b may still start (or is in) one of its episodes
+        t = 0
+        with torch.inference_mode():
+            while collecting.any():
+                if t == storage.capacity:
+                    storage.grow()
+                self._policy_step(policy, storage, t)
+                real = ~self._reset_next
+                in_batch = real & collecting
+                storage.valid[t] = in_batch
+                taken += real
+                used += in_batch
+                done = storage.terminated[t] | storage.truncated[t]
+                # An episode that ends after its env has T steps is the env's last one in this batch.
+                collecting &= ~(done & in_batch & (used >= num_steps))
+                self._reset_next = done
+                t += 1
+        storage.mask_to_valid(t)
+        self._record_whole_episodes(storage.rew[:t], storage.valid[:t], storage.done(t))
+        self.env_steps += int(taken.sum())
+        zeros = torch.zeros(num_envs)
+        return storage.batch(t, self._obs, taken, zeros, zeros.long())
+
+    def _policy_step(self, policy: nn.Module, storage: _Storage, t: int) -> None:
+        """Row ``t``: the observation, an action sampled from ``policy``, its log-prob, and the env's answer."""
+        obs_t = storage.obs[t]
+        obs_t[:] = self._obs  # float32, whatever the env's dtype (MuJoCo's is float64)
+        dist = policy(torch.from_numpy(obs_t).to(storage.device))
+        action = dist.sample()
+        step_logp = dist.log_prob(action)
+        storage.logp_rows[t] = step_logp.numpy() if storage.on_host else step_logp  # stays on the policy's device
+        storage.act[t] = action.cpu().numpy()  # the env needs the action on the host anyway
+        try:
+            self._obs, reward, term, trunc, _ = self.envs.step(to_env_action(storage.act[t], storage.action_space))
+        except Exception as error:
+            raise EnvStepError(
+                f"environment {self.name} raised at env step {self.env_steps + int(storage.valid[:t].sum())} "
+                f"(step {t} of this batch): {type(error).__name__}: {error}"
+            ) from error
+        # Raw env outputs; the masks of steps outside the batch's episodes are applied after the loop.
+        storage.rew[t], storage.terminated[t], storage.truncated[t] = reward, term, trunc
+
+    def _record_whole_episodes(self, rew: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
+        """Return and length of every episode of a whole-episode batch, env by env in time order.
+
+        Each of the batch's segments is a whole episode (it starts and ends in the batch), so the episode
+        statistics are segment sums.
+        """
+        ids = F.segment_ids(torch.from_numpy(valid), torch.from_numpy(done))
+        num_episodes = int(ids.max()) + 1 if ids.numel() else 0
+        returns = F.segment_sum(torch.from_numpy(rew).double(), ids, num_episodes)
+        lengths = F.segment_sum(torch.ones(ids.shape, dtype=torch.long), ids, num_episodes)
+        self.episodes.returns.extend(returns.tolist())
+        self.episodes.lengths.extend(lengths.tolist())
 
     def _track_episodes(self, rew: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
         """Continue the running episodes through a batch ``[T, B]``; record those that ended in it.
@@ -225,6 +281,7 @@ class RolloutCollector:
             return False
         self.envs.close()
         self.envs = pickle.loads(state["envs"])
+        self._first_reset = False  # the envs' random streams continue from the checkpoint
         self._obs, self._reset_next = state["obs"].numpy(), state["reset_next"].numpy()
         self._ep_return, self._ep_disc_return = state["ep_return"].numpy(), state["ep_disc_return"].numpy()
         self._ep_length = state["ep_length"].numpy()
@@ -232,6 +289,78 @@ class RolloutCollector:
 
     def close(self) -> None:
         self.envs.close()
+
+
+class _Storage:
+    """A batch's per-step rows in arrays allocated before the loop, so that a step costs only row writes.
+
+    Keeping each step's action and log-prob tensors alive instead costs ~10% at 1024 envs (fresh memory every
+    step). ``logp`` lives on the policy's device; everything the env needs or returns stays on the host.
+    """
+
+    def __init__(self, capacity: int, envs: VectorEnv, device: torch.device, dtype: torch.dtype):
+        num_envs = envs.num_envs
+        self.capacity = capacity
+        self.device = device
+        self.on_host = device.type == "cpu"
+        self.action_space = envs.single_action_space
+        self.obs = np.empty((capacity + 1, num_envs, *envs.single_observation_space.shape), dtype=np.float32)
+        self.act = np.empty((capacity, num_envs, *self.action_space.shape), dtype=_sample_dtype(self.action_space, dtype))
+        self.logp = torch.empty((capacity, num_envs), dtype=dtype, device=device)
+        self._view_logp_rows()
+        self.rew = np.zeros((capacity, num_envs), dtype=np.float32)
+        self.terminated = np.zeros((capacity, num_envs), dtype=bool)
+        self.truncated = np.zeros((capacity, num_envs), dtype=bool)
+        self.valid = np.zeros((capacity, num_envs), dtype=bool)
+
+    @classmethod
+    def for_collector(cls, collector: RolloutCollector, policy: nn.Module, capacity: int) -> _Storage:
+        device, dtype = _device_and_dtype(policy)
+        return cls(capacity, collector.envs, device, dtype)
+
+    def grow(self) -> None:
+        """Double the capacity, keeping the rows written so far."""
+        old, self.capacity = self.capacity, 2 * self.capacity
+        for name in ("obs", "act", "rew", "terminated", "truncated", "valid"):
+            rows = getattr(self, name)
+            extra = self.capacity + (name == "obs") - rows.shape[0]
+            setattr(self, name, np.concatenate([rows, np.zeros((extra, *rows.shape[1:]), dtype=rows.dtype)]))
+        self.logp = torch.cat([self.logp, torch.empty((old, *self.logp.shape[1:]), dtype=self.logp.dtype, device=self.device)])
+        self._view_logp_rows()
+
+    def _view_logp_rows(self) -> None:
+        # Step t's log-probs are written into logp_rows[t]: a numpy view on the host (a row write costs ~1 us,
+        # torch's ~3 us), the tensor itself on an accelerator.
+        self.logp_rows = self.logp.numpy() if self.on_host else self.logp
+
+    def mask_to_valid(self, length: int) -> None:
+        """Rewards and end flags only where a step belongs to the batch's episodes (reset steps give 0)."""
+        valid = self.valid[:length]
+        self.rew[:length] *= valid
+        self.terminated[:length] &= valid
+        self.truncated[:length] &= valid
+
+    def done(self, length: int) -> np.ndarray:
+        return self.terminated[:length] | self.truncated[:length]
+
+    def batch(
+        self, length: int, last_obs: np.ndarray, steps_taken, return_before: torch.Tensor, length_before: torch.Tensor
+    ) -> RolloutBatch:
+        """The first ``length`` rows as a ``RolloutBatch`` on the policy's device (``obs[length]`` = ``last_obs``)."""
+        self.obs[length] = last_obs
+        device = self.device
+        return RolloutBatch(
+            obs=torch.from_numpy(self.obs[: length + 1]).to(device),
+            act=torch.from_numpy(self.act[:length]).to(device),
+            rew=torch.from_numpy(self.rew[:length]).to(device),
+            terminated=torch.from_numpy(self.terminated[:length]).to(device),
+            truncated=torch.from_numpy(self.truncated[:length]).to(device),
+            valid=torch.from_numpy(self.valid[:length]).to(device),
+            logp_behavior=self.logp[:length],
+            return_before=return_before.to(device),
+            length_before=length_before.to(device),
+            steps_taken=torch.as_tensor(np.asarray(steps_taken, dtype=np.int64)).to(device),
+        )
 
 
 class RolloutDataset(IterableDataset):
@@ -269,29 +398,35 @@ def collect(
     num_episodes: int | None = None,
     seed: int | None = None,
     gamma: float = 0.99,
+    whole_episodes: bool = True,
 ) -> RolloutBatch:
     """Collect a batch with ``policy``: the same code path as training (``RolloutCollector``).
 
     Args:
         policy: ``obs -> Distribution``.
         env: a registered gymnasium id, a ``VectorEnvFactory``, an env or a vector env (reset here).
-        num_steps: collect at least this many steps: ``ceil(num_steps / num_envs)`` steps of each env.
+        num_steps: collect at least this many steps: with ``whole_episodes`` (the default, what training
+            uses without a value function) each env collects whole episodes until it has
+            ``ceil(num_steps / num_envs)`` steps of them; otherwise exactly that many steps of each env, the
+            last episodes cut by the batch end.
         num_episodes: collect exactly this many complete episodes, each from a reset. An id or factory
             is built with one env per episode. With a given vector env of B envs, env b contributes its
             first ``num_episodes // B`` (+1 for the first ``num_episodes % B`` envs) episodes: a choice
             fixed in advance, so that short episodes are not favoured. Every other step is marked invalid.
         seed: seed of the envs' reset.
-        gamma: discount for ``RolloutBatch.return_before`` (0 here: every episode starts in the batch).
+        gamma: discount for ``RolloutBatch.return_before`` (0 with whole episodes: they all start in the batch).
+        whole_episodes: the batch rule of ``num_steps`` (``RolloutCollector``).
 
     Exactly one of ``num_steps`` and ``num_episodes`` must be given.
     """
     if (num_steps is None) == (num_episodes is None):
         raise ValueError("collect: give exactly one of num_steps and num_episodes")
     envs = _as_vector_env(env, num_envs=num_episodes)
-    collector = RolloutCollector(envs, steps_per_env=1, gamma=gamma, seed=seed)
     if num_steps is not None:
         require("num_steps", num_steps, positive_int, "a positive integer")
+        collector = RolloutCollector(envs, steps_per_env=1, gamma=gamma, seed=seed, whole_episodes=whole_episodes)
         return collector.collect(policy, num_steps=math.ceil(num_steps / envs.num_envs))
+    collector = RolloutCollector(envs, steps_per_env=1, gamma=gamma, seed=seed)
     assert num_episodes is not None
     require("num_episodes", num_episodes, positive_int, "a positive integer")
     quota = torch.full((envs.num_envs,), num_episodes // envs.num_envs)
@@ -329,6 +464,7 @@ def _concat_in_time(batches: list[RolloutBatch]) -> RolloutBatch:
         logp_behavior=torch.cat([b.logp_behavior for b in batches]),
         return_before=first.return_before,
         length_before=first.length_before,
+        steps_taken=sum(b.valid.sum(0) if b.steps_taken is None else b.steps_taken for b in batches),
     )
 
 
@@ -348,4 +484,5 @@ def _first_episodes(batch: RolloutBatch, quota: torch.Tensor) -> RolloutBatch:
         logp_behavior=batch.logp_behavior,
         return_before=torch.zeros_like(batch.return_before),
         length_before=torch.zeros_like(batch.length_before),
+        steps_taken=batch.steps_taken,
     )

@@ -91,6 +91,7 @@ def make_module(cfg: DictConfig) -> PolicyGradientModule:
         max_skipped_updates=cfg.max_skipped_updates,
         off_policy=instantiate(cfg.off_policy) if cfg.get("off_policy") else None,
         max_iterations=cfg.get("max_iterations"),
+        whole_episodes=cfg.get("whole_episodes"),
     )
 
 

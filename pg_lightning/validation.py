@@ -65,6 +65,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_iterations": (lambda v: v is None or positive_int(v), "a positive integer or null"),
     "max_skipped_updates": (positive_int, "a positive integer"),
     "env.num_envs": (positive_int, "a positive integer"),
+    "env.max_episode_steps": (lambda v: v is None or positive_int(v), "a positive integer or null"),
+    "whole_episodes": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
     "estimator.gamma": (unit_interval, "in [0, 1]"),
     "estimator.gae_lambda": (unit_interval, "in [0, 1]"),
     "estimator.value.lr": (positive_number, "a positive number"),

@@ -100,5 +100,5 @@ class MultiDiscreteEnv(CountingEnv):
         self.action_space = gym.spaces.MultiDiscrete([2, 2])
 
 
-gym.register("PgTest/Faulty-v0", entry_point=FaultyEnv)
+gym.register("PgTest/Faulty-v0", entry_point=FaultyEnv, max_episode_steps=100)
 gym.register("PgTest/MultiDiscrete-v0", entry_point=MultiDiscreteEnv)

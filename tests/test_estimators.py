@@ -69,17 +69,18 @@ def test_reward_to_go_weights():
     torch.testing.assert_close(reward_to_go(gamma)(first).weights[:3, 0], q)
 
 
-def test_baseline_subtracts_the_average_of_the_other_trajectories():
+def test_baseline_subtracts_the_average_of_the_other_envs():
     envs = counting_envs([2, 3, 5, 4])
     policy = mlp_policy(envs.single_observation_space, envs.single_action_space, hidden_sizes=[])
-    batch = RolloutCollector(envs, steps_per_env=20, seed=0).collect(policy)
+    batch = RolloutCollector(envs, steps_per_env=20, seed=0, whole_episodes=True).collect(policy)
     plain, centred = reward_to_go(0.99)(batch), baseline(0.99)(batch)
     assert torch.equal(plain.mask, centred.mask)
     shift = plain.weights - centred.weights
-    for segment in plain.segments[plain.mask].unique():
-        own = (plain.segments == segment) & plain.mask
-        others = plain.mask & ~own
-        torch.testing.assert_close(shift[own], plain.weights[others].mean().expand(int(own.sum())))
+    for env in range(4):
+        own = plain.mask[:, env]
+        others = plain.mask.clone()
+        others[:, env] = False
+        torch.testing.assert_close(shift[own, env], plain.weights[others].mean().expand(int(own.sum())))
 
 
 def test_value_presets_use_every_step_and_bootstrap_the_cut():
@@ -98,7 +99,7 @@ def test_value_presets_use_every_step_and_bootstrap_the_cut():
 
 
 def test_normalize_standardizes_the_weights_of_any_preset():
-    first, _ = two_batches(0.9)
+    first, _ = two_batches(0.9)  # one env: its own statistics
     out = Estimator(name="n", gamma=0.9, reward_to_go=True, baseline="none", normalize=True)(first)
     used = out.weights[out.mask]
     assert used.mean().abs() < 1e-5 and used.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)

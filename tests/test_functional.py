@@ -137,19 +137,15 @@ def test_segment_ids_number_each_episode_part_once():
     assert F.segment_ids(valid, done).tolist() == [[0, 2], [0, 2], [-1, 2], [1, 3]]
 
 
-def test_leave_one_out_mean_matches_loop():
+def test_other_envs_mean_matches_loop():
     rew, terminated, truncated, valid = random_episode_data(25, 3, seed=5)
-    done = terminated | truncated
-    mask = valid & F.ends_in_batch(done)
-    ids = F.segment_ids(valid, done)
-    got = F.leave_one_out_mean(rew, mask, ids)
-    for t in range(25):
-        for b in range(3):
-            if ids[t, b] < 0:
-                continue  # reset steps belong to no trajectory; their value is never used
-            others = [float(rew[u, c]) for u in range(25) for c in range(3) if mask[u, c] and ids[u, c] != ids[t, b]]
-            expected = sum(others) / len(others) if others else 0.0
-            assert got[t, b].item() == pytest.approx(expected, abs=1e-5)
+    mask = valid & F.ends_in_batch(terminated | truncated)
+    got = F.other_envs_mean(rew, mask)
+    for b in range(3):
+        others = [float(rew[u, c]) for u in range(25) for c in range(3) if mask[u, c] and c != b]
+        assert got[b].item() == pytest.approx(sum(others) / len(others), abs=1e-5)
+    # One env alone has no other env: no baseline.
+    assert F.other_envs_mean(rew[:, :1], mask[:, :1]).tolist() == [0.0]
 
 
 def loop_gae(rew, values, terminated, done, gamma, lam):
@@ -188,18 +184,27 @@ def test_value_targets_bootstrap_after_truncation_and_cut_but_not_after_terminat
     assert advantages[0].tolist() == [1.0, 1.0 + gamma * 10.0, 1.0 + gamma * 10.0]
 
 
-def test_optimal_baseline_leaves_one_out():
+def test_optimal_baseline_uses_the_other_envs_trajectories():
     generator = torch.Generator().manual_seed(8)
     scores, returns = torch.randn(6, 4, generator=generator), torch.randn(6, generator=generator)
-    got = F.optimal_baseline(scores, returns)
+    envs = torch.tensor([0, 0, 1, 2, 2, 2])
+    got = F.optimal_baseline(scores, returns, envs, num_envs=3)
     for i in range(6):
-        others = [j for j in range(6) if j != i]
+        others = [j for j in range(6) if envs[j] != envs[i]]
         g2 = scores[others] ** 2
         torch.testing.assert_close(got[i], (g2 * returns[others, None]).sum(0) / g2.sum(0))
 
 
-def test_standardize():
-    values = torch.tensor([1.0, 2.0, 3.0, 100.0])
-    out = F.standardize(values, torch.tensor([True, True, True, False]))
-    assert out[:3].mean().abs() < 1e-6 and out[:3].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
-    assert out[3] == 0.0
+def test_standardize_uses_the_other_envs_statistics():
+    generator = torch.Generator().manual_seed(9)
+    values = 5.0 + 3.0 * torch.randn(6, 3, generator=generator)
+    mask = torch.rand(6, 3, generator=generator) > 0.3
+    out = F.standardize(values, mask)
+    for b in range(3):
+        others = torch.cat([values[:, c][mask[:, c]] for c in range(3) if c != b]).double()
+        expected = (values[:, b].double() - others.mean()) / (others.std(unbiased=False) + 1e-8) * mask[:, b]
+        torch.testing.assert_close(out[:, b], expected.float())
+    assert (out[~mask] == 0).all()
+    # One env alone: its own statistics (mean 0, std 1 over its used steps).
+    alone = F.standardize(values[:, :1], torch.ones(6, 1, dtype=torch.bool))
+    assert alone.mean().abs() < 1e-6 and alone.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)

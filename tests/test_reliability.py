@@ -59,16 +59,17 @@ def read_metrics(path: Path) -> list[dict]:
 
 def test_an_env_that_raises_stops_the_run_with_its_id_and_step_and_keeps_the_work(tmp_path):
     cfg = compose_with(*TINY, "env.id=PgTest/Faulty-v0", "total_env_steps=5000", "checkpoint.every_n_iterations=1")
-    # Each of the 2 envs raises on its 151st step (reset steps are no step calls): step 7 of the 4th batch.
-    with pytest.raises(EnvStepError, match=r"environment PgTest/Faulty-v0 raised at env step 300 \(step 7 of this batch\).*simulator exploded"):
+    # Each of the 2 envs raises on its 151st step (reset steps are no step calls). A batch is 3 whole 20-step
+    # episodes per env (T = 50): rows 0-19, a reset row, 21-40, ... so the 31st step of the 3rd batch is row 31.
+    with pytest.raises(EnvStepError, match=r"environment PgTest/Faulty-v0 raised at env step 300 \(step 31 of this batch\).*simulator exploded"):
         train(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "PgTest/Faulty-v0" in summary["error"]
     assert "simulator exploded" in summary["traceback"]
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    # The 3 finished batches are kept: 300 steps less the reset steps between 20-step episodes.
-    assert checkpoint["pg_lightning"]["env_steps"] == summary["env_steps"] == 286
-    assert checkpoint["pg_lightning"]["iterations"] == summary["iterations"] == 3
+    # The 2 finished batches are kept: 2 envs x 3 episodes x 20 steps each.
+    assert checkpoint["pg_lightning"]["env_steps"] == summary["env_steps"] == 240
+    assert checkpoint["pg_lightning"]["iterations"] == summary["iterations"] == 2
 
 
 def test_a_nan_reward_skips_one_update_and_training_goes_on(tmp_path):

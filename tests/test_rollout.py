@@ -138,7 +138,11 @@ def test_collect_num_steps_and_argument_checks():
     factory = VectorEnvFactory("CartPole-v1", num_envs=4)
     policy = mlp_policy(*factory.spaces())
     batch = collect(policy, factory, num_steps=10, seed=0)
-    assert batch.num_envs == 4 and batch.num_steps == 3  # ceil(10 / 4) steps of each env
+    # Whole episodes: each env has at least ceil(10 / 4) = 3 steps of them, and every used episode ends.
+    assert batch.num_envs == 4 and (batch.valid.sum(0) >= 3).all()
+    assert torch.equal(batch.valid & F.ends_in_batch(batch.done), batch.valid)
+    cut = collect(policy, factory, num_steps=10, seed=0, whole_episodes=False)
+    assert cut.num_envs == 4 and cut.num_steps == 3  # exactly ceil(10 / 4) steps of each env
     with pytest.raises(ValueError, match="exactly one of num_steps and num_episodes"):
         collect(policy, factory, num_steps=10, num_episodes=2)
 
