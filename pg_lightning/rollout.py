@@ -102,6 +102,7 @@ class RolloutCollector:
         num_envs = envs.num_envs
         self._obs: np.ndarray | None = None
         self._first_reset = True
+        self._taken_in_batch: np.ndarray | None = None
         self._reset_next = np.zeros(num_envs, dtype=bool)
         self._ep_return = np.zeros(num_envs)
         self._ep_disc_return = np.zeros(num_envs)
@@ -148,6 +149,7 @@ class RolloutCollector:
         self._reset_next[:] = False
         used = np.zeros(num_envs, dtype=np.int64)  # steps of this batch's episodes, per env
         taken = np.zeros(num_envs, dtype=np.int64)  # env steps (not reset steps), per env
+        self._taken_in_batch = taken  # updated in place: what an EnvStepError reports
         collecting = np.ones(num_envs, dtype=bool)  # env b may still start (or is in) one of its episodes
         t = 0
         with torch.inference_mode():
@@ -165,6 +167,7 @@ class RolloutCollector:
                 collecting &= ~(done & in_batch & (used >= num_steps))
                 self._reset_next = done
                 t += 1
+        self._taken_in_batch = None
         storage.mask_to_valid(t)
         self._record_whole_episodes(storage.rew[:t], storage.valid[:t], storage.done(t))
         self.env_steps += int(taken.sum())
@@ -183,8 +186,10 @@ class RolloutCollector:
         try:
             self._obs, reward, term, trunc, _ = self.envs.step(to_env_action(storage.act[t], storage.action_space))
         except Exception as error:
+            # Whole-episode batches count their steps as they go (valid leaves out the waiting envs' steps).
+            taken = storage.valid[:t].sum() if self._taken_in_batch is None else self._taken_in_batch.sum()
             raise EnvStepError(
-                f"environment {self.name} raised at env step {self.env_steps + int(storage.valid[:t].sum())} "
+                f"environment {self.name} raised at env step {self.env_steps + int(taken)} "
                 f"(step {t} of this batch): {type(error).__name__}: {error}"
             ) from error
         # Raw env outputs; the masks of steps outside the batch's episodes are applied after the loop.

@@ -6,7 +6,7 @@ At a few snapshots of a policy trained with the configured estimator, it collect
 independent batches of ``episodes_per_batch`` whole episodes, and gives each estimator the same
 batches. Per estimator and snapshot it reports the variance of one batch's estimate (trace of the
 covariance), its signal-to-noise ratio, and its mean cosine similarity to a reference gradient from a
-large independent batch (``reference_episodes`` episodes, leave-one-out baseline). Value baselines use
+large independent batch (``reference_episodes`` episodes, one per env, other-envs baseline). Value baselines use
 a V_φ fitted on the reference batch, so V is independent of the batches it is evaluated on.
 
 Writes ``variance.csv``, ``variance.md`` and ``variance.png`` to the run dir (``hydra.run.dir``).
