@@ -11,7 +11,7 @@ The pseudo-loss (``gradient.policy_loss``) is the same for every estimator; they
     value_baseline     Q̂_t - V_φ(s_t), Q̂ bootstrapped with V_φ where an episode is cut    §5.2 (learned)
     gae                A_t^{GAE(γ, λ)} with V_φ                                        Schulman et al. 2016
 
-``normalize=True`` standardises Ψ with the other envs' mean and std (any preset).
+``normalize=True`` standardises Ψ: minus the other envs' mean, over the batch's std (any preset).
 
 Which batches each preset gets
 ------------------------------
@@ -114,7 +114,7 @@ class Estimator:
             pass per batch giving an ``[N, P]`` matrix of per-trajectory score vectors); ``value``
             (learned V_φ: needs ``value`` and ``reward_to_go=True``).
         gae_lambda: λ of GAE for ``baseline=value``; 1 is the plain value baseline Q̂_t - V(s_t).
-        normalize: standardise the weights with the mean and std of the other envs' used steps.
+        normalize: (Ψ - the other envs' mean) / the batch's std of Ψ (``functional.standardize``).
         value: the value function's settings, for ``baseline=value`` only.
     """
 

@@ -229,28 +229,29 @@ def generalized_advantages(
 
 
 def standardize(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduction: Reduction = LOCAL) -> torch.Tensor:
-    """``(values - μ) / σ`` with μ, σ the mean and std of the *other* envs' masked steps; 0 off the mask.
+    """``(values - μ_env) / σ`` over the masked steps (normalisation of Ψ); 0 off the mask.
 
-    Env b's weights are shifted and scaled by statistics independent of env b (see ``other_envs_mean``):
-    the shift is a valid baseline and 1/(σ + eps) a positive factor independent of env b's actions, so
-    the estimate stays an unbiased direction (E[ĝ] = E[1/σ] ∇J up to the baseline's zero mean).
-    Normalising with the batch's own statistics, env b included, would not be (with 2 envs the mean is
-    half env b's). Where no other env has used steps (one env on one process) the env's own statistics
-    are used. Sums n, Σx, Σx² are reduced over all processes, in float64 around a shared centre.
+    μ_env, for env b's steps, is the mean over the *other* envs' masked steps: a baseline independent of env b's
+    actions (see ``other_envs_mean``). σ is the standard deviation over all masked steps of the batch: one
+    positive number per batch, like the pseudo-loss's 1/N, so σ·N·ĝ is an unbiased estimate of E[N] ∇J. (Each
+    env's σ from the other envs alone would be unbiased too, but with few envs it is often 0 near a return cap,
+    where every other episode reaches it, and one env's weights then explode.) Normalising with the batch's own
+    mean would not be unbiased: with 2 envs the mean is half env b's. Where no other env has used steps (one env
+    on one process) the env's own mean is used. Sums n, Σx, Σx² are reduced over all processes, in float64
+    around a shared centre.
     """
     used = mask.to(torch.float64)
     x = values.double()
     count, total = reduction.sum(torch.stack([used.sum(), (x * used).sum()]))
-    centred = (x - total / count.clamp(min=1)) * used  # any shared shift gives the same result; this one is stable
-    own = torch.stack([used.sum(0), centred.sum(0), (centred**2).sum(0)])  # [3, B]
-    totals = reduction.sum(own.sum(1))  # [3]
-    others = totals[:, None] - own
-    alone = others[0] <= 0
-    stats = torch.where(alone, own, others)
-    n = stats[0].clamp(min=1)
-    mean = stats[1] / n
-    std = (stats[2] / n - mean**2).clamp(min=0).sqrt()
-    out = (centred - mean) / (std + eps) * used
+    centre = total / count.clamp(min=1)
+    centred = (x - centre) * used  # any shared shift gives the same result; this one keeps Σx² small
+    own = torch.stack([used.sum(0), centred.sum(0)])  # [2, B]: each env's count and sum
+    totals = reduction.sum(torch.stack([own[0].sum(), own[1].sum(), (centred**2).sum()]))
+    others_count, others_sum = totals[0] - own[0], totals[1] - own[1]
+    alone = others_count <= 0
+    env_mean = torch.where(alone, own[1] / own[0].clamp(min=1), others_sum / others_count.clamp(min=1))
+    std = (totals[2] / totals[0].clamp(min=1)).sqrt()
+    out = (centred - env_mean) / (std + eps) * used
     return out.to(values.dtype)
 
 

@@ -195,16 +195,19 @@ def test_optimal_baseline_uses_the_other_envs_trajectories():
         torch.testing.assert_close(got[i], (g2 * returns[others, None]).sum(0) / g2.sum(0))
 
 
-def test_standardize_uses_the_other_envs_statistics():
+def test_standardize_centres_on_the_other_envs_mean_and_scales_by_the_batch_std():
     generator = torch.Generator().manual_seed(9)
     values = 5.0 + 3.0 * torch.randn(6, 3, generator=generator)
     mask = torch.rand(6, 3, generator=generator) > 0.3
     out = F.standardize(values, mask)
+    batch_std = values[mask].double().std(unbiased=False)
     for b in range(3):
         others = torch.cat([values[:, c][mask[:, c]] for c in range(3) if c != b]).double()
-        expected = (values[:, b].double() - others.mean()) / (others.std(unbiased=False) + 1e-8) * mask[:, b]
+        expected = (values[:, b].double() - others.mean()) / (batch_std + 1e-8) * mask[:, b]
         torch.testing.assert_close(out[:, b], expected.float())
     assert (out[~mask] == 0).all()
-    # One env alone: its own statistics (mean 0, std 1 over its used steps).
+    # One env alone: its own mean (mean 0, std 1 over its used steps).
     alone = F.standardize(values[:, :1], torch.ones(6, 1, dtype=torch.bool))
     assert alone.mean().abs() < 1e-6 and alone.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    # Every step equal (a return cap reached everywhere): weights 0, not 0/0.
+    assert (F.standardize(torch.full((4, 2), 500.0), torch.ones(4, 2, dtype=torch.bool)) == 0).all()
