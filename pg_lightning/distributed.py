@@ -3,7 +3,7 @@
 With several ranks each one holds B/W envs of the batch. Every statistic that an estimator computes over
 the batch (the other-envs baseline's totals, the optimal baseline's Σ g² and Σ g² R, the mean and
 variance of ``normalize``, N, the self-normalised importance weights' Σ w) is a sum or a maximum, so an
-all-reduce makes it the statistic of the whole W x B/W batch (ARCHITECTURE.md, trap 5). The gradient of each
+all-reduce makes it the statistic of the whole W x B/W batch (docs/architecture.md, trap 5). The gradient of each
 rank's loss is then its share of the global estimate, and DDP's gradient average times W is the
 single-process gradient (``PolicyGradientModule`` scales each rank's loss by W).
 """

@@ -184,7 +184,7 @@ class PolicyGradientModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         # Envs are created here, not in __init__, so the module stays picklable (ddp_spawn) and the
-        # rank is known (ARCHITECTURE.md traps 2 and 5).
+        # rank is known (docs/architecture.md, traps 2 and 5).
         if self.collector is None:
             rank = self.global_rank
             trainer = self._trainer  # None when setup() is called by hand, outside a Trainer

@@ -17,7 +17,7 @@ sampled surrogate (1/N) Σ ρ_t Ψ_t improved. The step is applied by plain SGD 
 object is), so every other optimizer (a value baseline's) keeps its own first-order rule.
 
 Distributed: ``torch.autograd.grad`` does not trigger DDP's all-reduce, so the gradient, every Fisher-
-vector product and every line-search quantity is averaged across ranks here (ARCHITECTURE trap 6).
+vector product and every line-search quantity is averaged across ranks here (docs/architecture.md, trap 6).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """On-policy data collection: a collector that steps a vector env, and the Lightning-facing dataset.
 
 Lightning fetches the next batch of an iterable *before* ``training_step`` runs on the current one,
-so an endless generator would train on data of the previous policy (ARCHITECTURE.md, trap 1).
+so an endless generator would train on data of the previous policy (docs/architecture.md, trap 1).
 ``RolloutDataset.__iter__`` therefore yields exactly one batch and stops: each Lightning epoch is one
 iteration, and its ``iter()`` runs after the previous update, with the current weights. The envs and
 their running episodes live in the ``RolloutCollector`` and survive across iterations.

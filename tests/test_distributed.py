@@ -1,6 +1,6 @@
 """Several processes: 2 ranks x B/2 envs give the gradient of 1 rank x B, and DDP training runs end to end.
 
-The equivalence test spawns two gloo processes (ARCHITECTURE.md traps 5 and 8: not Lightning's launcher, so
+The equivalence test spawns two gloo processes (docs/architecture.md, traps 5 and 8: not Lightning's launcher, so
 that pytest is not re-run). Each rank takes half of the same batch's envs, computes its share of the
 estimate with the all-reduced batch statistics, and the shares are summed, exactly what DDP's gradient
 average times W does in training.
