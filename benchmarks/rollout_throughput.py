@@ -21,6 +21,10 @@ import gymnasium as gym
 import torch
 
 from pg_lightning import CategoricalMLP, RolloutCollector
+from pg_lightning.threads import DEFAULT_TORCH_THREADS
+
+# Both loops with the threads a training run uses (pg_lightning/threads.py).
+torch.set_num_threads(DEFAULT_TORCH_THREADS)
 
 STEPS_PER_MEASUREMENT = 262_144  # env steps per timed run (T = this / num_envs)
 

@@ -15,11 +15,14 @@ import time
 
 import gymnasium as gym
 import numpy as np
+import torch
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 EVAL_EVERY = 4096
+# One torch thread, as pg_lightning's runs use by default (pg_lightning/threads.py): like for like.
+torch.set_num_threads(1)
 THRESHOLD = 475.0
 
 

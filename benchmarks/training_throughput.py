@@ -20,9 +20,12 @@ import torch
 from lightning.pytorch import Callback
 
 from pg_lightning import CategoricalMLP, PolicyGradientModule, VectorEnvFactory
+from pg_lightning.threads import DEFAULT_TORCH_THREADS
 from rollout_throughput import hand_written_loop, make_envs
 
 WARMUP = 2
+# The hand loop with the threads the training run sets for itself (pg_lightning/threads.py).
+torch.set_num_threads(DEFAULT_TORCH_THREADS)
 
 
 class IterationTimer(Callback):

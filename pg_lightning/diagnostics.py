@@ -21,7 +21,7 @@ def flat_gradient(
     policy: nn.Module, batch: RolloutBatch, estimator: Estimator, value_fn: nn.Module | None = None
 ) -> torch.Tensor:
     """``[P]``: ``estimate_gradient`` flattened into one vector."""
-    return flatten(estimate_gradient(policy, batch, estimator, value_fn))
+    return flatten(estimate_gradient(policy, batch, estimator, value_fn, torch_threads=None))  # as the caller set them
 
 
 def sub_batch_gradients(

@@ -18,6 +18,7 @@ from pg_lightning.batch import RolloutBatch
 from pg_lightning.distributed import LOCAL, Reduction
 from pg_lightning.estimators import Estimator, EstimatorOutput
 from pg_lightning.off_policy import OffPolicy, importance_loss
+from pg_lightning.threads import DEFAULT_TORCH_THREADS, using_threads
 
 
 # Steps per vmap call when computing per-step score vectors (bounds the memory to SCORE_CHUNK x P).
@@ -110,6 +111,7 @@ def estimate_gradient(
     value_fn: nn.Module | None = None,
     off_policy: OffPolicy | None = None,
     reduction: Reduction = LOCAL,
+    torch_threads: int | None = DEFAULT_TORCH_THREADS,
 ) -> list[torch.Tensor]:
     """The estimate of ∇_θ J (ascent direction) that ``estimator`` gives on ``batch``: one tensor per parameter.
 
@@ -117,7 +119,13 @@ def estimate_gradient(
     ``off_policy.importance_loss`` on the whole batch (the batch may come from another policy: its
     ``logp_behavior``). ``value_fn`` is V_φ for value-baseline estimators. With several processes and a
     ``reduction``, each rank returns its share; their sum over ranks is the whole batch's estimate.
+    ``torch_threads``: torch's CPU threads during the call (``threads.py``), restored after it.
     """
+    with using_threads(torch_threads):
+        return _estimate_gradient(policy, batch, estimator, value_fn, off_policy, reduction)
+
+
+def _estimate_gradient(policy, batch, estimator, value_fn, off_policy, reduction) -> list[torch.Tensor]:
     values = None
     if estimator.needs_value:
         if value_fn is None:

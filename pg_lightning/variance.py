@@ -33,6 +33,7 @@ from pg_lightning.estimators import Estimator, baseline
 from pg_lightning.module import PolicyGradientModule
 from pg_lightning.rollout import collect
 from pg_lightning.run import make_module, optimizer_callbacks
+from pg_lightning.threads import set_torch_threads
 from pg_lightning.value import ValueFunction, value_loss
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -86,6 +87,7 @@ def fit_value_function(
 def compare(cfg: DictConfig, out_dir: Path) -> list[dict]:
     """Train, take snapshots, and measure every estimator at each; returns the table's rows."""
     settings = cfg.variance
+    set_torch_threads(cfg.get("torch_threads"))  # the comparison's own gradients too, not only the training
     module = make_module(cfg)
     module.total_env_steps = None  # the snapshots decide how long it trains
     snapshots = PolicySnapshots(list(settings.snapshots))

@@ -7,9 +7,13 @@ import os
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 # No test may reach W&B's servers.
 os.environ.setdefault("WANDB_MODE", "disabled")
+# One torch thread, as training processes use (pg_lightning/threads.py): the suite beside a training run, or
+# beside the runs it starts itself, would otherwise oversubscribe the cores.
+torch.set_num_threads(1)
 
 
 class CountingEnv(gym.Env):

@@ -1,0 +1,45 @@
+"""How many CPU threads torch's operators use: one per process unless a run asks for more.
+
+torch starts one intra-op thread per core. Two such processes on the same cores oversubscribe them:
+OpenMP threads that finish a parallel region spin while they wait for the next one, on cores the other
+process needs. Measured on a 2-core machine (``benchmarks/shared_machine.py``, docs/architecture.md):
+two default CartPole runs started together each kept ~8% of their solo env steps/s with torch's default
+and over 80% with one thread; a lone run is as fast with one thread as with two. Only large networks gain
+from more threads when they have the machine to themselves (a Nature-CNN update on a 256 x 4 x 84 x 84
+batch: 1.7x faster with 2 threads alone, 2.3x slower than 1 thread each when two runs share the cores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from pg_lightning.validation import positive_int, require
+
+# One thread per process: runs that share a machine keep their speed, and a lone small policy loses nothing.
+DEFAULT_TORCH_THREADS = 1
+
+
+def set_torch_threads(threads: int | None, key: str = "torch_threads") -> None:
+    """Use ``threads`` intra-op threads in this process from now on; ``None`` leaves torch's setting alone."""
+    if threads is None:
+        return
+    require(key, threads, positive_int, "a positive integer or null (torch's default: one per core)")
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def using_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads and restore the previous count after it.
+
+    Setting the count costs well under a microsecond, so the analysis functions (``collect``,
+    ``estimate_gradient``) wrap each call in it.
+    """
+    before = torch.get_num_threads()
+    set_torch_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
