@@ -233,7 +233,9 @@ class CrashSafeCheckpoint(Callback):
 
     def save(self, trainer: Trainer) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)
+        # The whole state (optimizers and callbacks too), not only the weights: resume needs it. Its contents
+        # are tensors, numbers and strings, which load with weights_only=True (no pickled objects).
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
 

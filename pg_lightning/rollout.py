@@ -10,7 +10,6 @@ their running episodes live in the ``RolloutCollector`` and survive across itera
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -23,7 +22,9 @@ from torch.utils.data import IterableDataset
 
 from pg_lightning import functional as F
 from pg_lightning.batch import RolloutBatch
+from pg_lightning.checkpoint import env_state, restore_env_state
 from pg_lightning.envs import VectorEnvFactory, check_action_space, to_env_action
+from pg_lightning.threads import DEFAULT_TORCH_THREADS, using_threads
 from pg_lightning.validation import positive_int, require
 
 
@@ -259,33 +260,28 @@ class RolloutCollector:
         self._ep_length = np.where(began_before, self._ep_length, 0) + tail_length
 
     def state_dict(self) -> dict:
-        """The envs (pickled, or None where they cannot be), their current observations and running episodes.
+        """The envs' state, their current observations and running episodes, as tensors and numbers only.
 
-        With it a resumed run continues exactly where the checkpoint was taken, mid-episode; envs that do not
-        pickle (mujoco, subprocess vector envs, observation-masking wrappers) are reset on resume instead.
-        Arrays are stored as tensors, which Lightning's ``weights_only`` checkpoint loading accepts.
+        With it a resumed run continues exactly where the checkpoint was taken, mid-episode. Envs whose state
+        is not made of arrays and numbers (MuJoCo, Box2D) have ``envs: None`` and are reset on resume instead
+        (``checkpoint.env_state``). Nothing is pickled, so the checkpoint loads with ``weights_only=True``.
         """
-        try:
-            envs = pickle.dumps(self.envs)
-        except Exception:  # noqa: BLE001 - any env that cannot be pickled is simply not restored
-            envs = None
+        envs = env_state(self.envs) if self._obs is not None else None
         state = {"envs": envs, "env_steps": self.env_steps}
-        if envs is not None and self._obs is not None:
+        if envs is not None:
             arrays = {"obs": self._obs, "reset_next": self._reset_next, "ep_return": self._ep_return,
                       "ep_disc_return": self._ep_disc_return, "ep_length": self._ep_length}
             state.update({name: torch.from_numpy(np.array(value)) for name, value in arrays.items()})
         return state
 
     def load_state_dict(self, state: dict) -> bool:
-        """Restore ``state_dict``; returns False (and keeps fresh envs, reset at the next collect) if it has no envs.
-
-        The envs are unpickled: load only checkpoints you trust (as with any pickle).
-        """
+        """Restore ``state_dict`` into this collector's fresh envs; returns False (the envs are reset at the
+        next collect) if the state has none or they are not of the same structure."""
         self.env_steps = state["env_steps"]
-        if state.get("envs") is None or "obs" not in state:
+        if not isinstance(state.get("envs"), list) or "obs" not in state:
             return False
-        self.envs.close()
-        self.envs = pickle.loads(state["envs"])
+        if not restore_env_state(self.envs, state["envs"]):
+            return False
         self._first_reset = False  # the envs' random streams continue from the checkpoint
         self._obs, self._reset_next = state["obs"].numpy(), state["reset_next"].numpy()
         self._ep_return, self._ep_disc_return = state["ep_return"].numpy(), state["ep_disc_return"].numpy()
@@ -404,6 +400,7 @@ def collect(
     seed: int | None = None,
     gamma: float = 0.99,
     whole_episodes: bool = True,
+    torch_threads: int | None = DEFAULT_TORCH_THREADS,
 ) -> RolloutBatch:
     """Collect a batch with ``policy``: the same code path as training (``RolloutCollector``).
 
@@ -421,11 +418,17 @@ def collect(
         seed: seed of the envs' reset.
         gamma: discount for ``RolloutBatch.return_before`` (0 with whole episodes: they all start in the batch).
         whole_episodes: the batch rule of ``num_steps`` (``RolloutCollector``).
+        torch_threads: torch's CPU threads during the call (``threads.py``), restored after it; ``None``: as set.
 
     Exactly one of ``num_steps`` and ``num_episodes`` must be given.
     """
     if (num_steps is None) == (num_episodes is None):
         raise ValueError("collect: give exactly one of num_steps and num_episodes")
+    with using_threads(torch_threads):
+        return _collect(policy, env, num_steps, num_episodes, seed, gamma, whole_episodes)
+
+
+def _collect(policy, env, num_steps, num_episodes, seed, gamma, whole_episodes) -> RolloutBatch:
     envs = _as_vector_env(env, num_envs=num_episodes)
     if num_steps is not None:
         require("num_steps", num_steps, positive_int, "a positive integer")

@@ -11,9 +11,10 @@ import math
 import numbers
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 _MISSING = object()
@@ -67,6 +68,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "env.num_envs": (positive_int, "a positive integer"),
     "env.max_episode_steps": (lambda v: v is None or positive_int(v), "a positive integer or null"),
     "whole_episodes": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "verbose": (lambda v: isinstance(v, bool), "true or false"),
+    "torch_threads": (lambda v: v is None or positive_int(v), "a positive integer or null (torch's default: one per core)"),
     "estimator.gamma": (unit_interval, "in [0, 1]"),
     "estimator.gae_lambda": (unit_interval, "in [0, 1]"),
     "estimator.value.lr": (positive_number, "a positive number"),
@@ -90,6 +93,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first value that cannot work (see ``CHECKS`` and the rules below)."""
+    from omegaconf import OmegaConf  # here, not at the top: the analysis API imports this module without Hydra
+
     for key, (check, expected) in CHECKS.items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is not _MISSING:  # _MISSING: the config has no such key (or its parent is null)
@@ -120,4 +125,10 @@ def validate_config(cfg: DictConfig) -> None:
     if ckpt_path is not None:
         if not os.path.isfile(str(ckpt_path)):
             raise ConfigError(f"ckpt_path {str(ckpt_path)!r} is not a file")
+        from pg_lightning.checkpoint import UnsafeCheckpointError, check_checkpoint
+
+        try:
+            check_checkpoint(str(ckpt_path))  # before any env is built: a refused file costs nothing
+        except UnsafeCheckpointError as error:
+            raise ConfigError(str(error)) from None
 

@@ -222,7 +222,7 @@ def test_off_policy_run_logs_its_diagnostics_and_resumes_with_its_replay(tmp_pat
     for row in rows:
         assert 0 < float(row["diag/ess"]) <= 1 and float(row["diag/approx_kl"]) >= 0
     assert any(float(row["diag/ess"]) < 1 for row in rows[1:]), "replayed batches come from older policies"
-    checkpoint = torch.load(tmp_path / "first" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "first" / "last.ckpt", weights_only=True)
     assert len(checkpoint["pg_lightning"]["replay"]) == 4  # reuse_batches = 3, plus the newest
     restored = PolicyGradientModule("CartPole-v1", off_policy=OffPolicy(kind="per_step", reuse_batches=3))
     restored.on_load_checkpoint(checkpoint)

@@ -66,7 +66,7 @@ def test_an_env_that_raises_stops_the_run_with_its_id_and_step_and_keeps_the_wor
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "PgTest/Faulty-v0" in summary["error"]
     assert "simulator exploded" in summary["traceback"]
-    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     # The 2 finished batches are kept: 2 envs x 3 episodes x 20 steps each.
     assert checkpoint["pg_lightning"]["env_steps"] == summary["env_steps"] == 240
     assert checkpoint["pg_lightning"]["iterations"] == summary["iterations"] == 2
@@ -89,7 +89,7 @@ def test_consecutive_non_finite_updates_stop_with_a_checkpoint(tmp_path):
         train(cfg, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["checkpoint"] == str(tmp_path / "last.ckpt")
-    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values()), "no NaN reached the weights"
 
 
@@ -131,7 +131,7 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_the_resumed_run_reaches_the_bu
     _, stderr = process.communicate(timeout=60)
     summary = json.loads((first_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted", stderr[-2000:]
-    checkpoint = torch.load(first_dir / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(first_dir / "last.ckpt", weights_only=True)
     assert checkpoint["pg_lightning"]["env_steps"] == summary["env_steps"] > 0
     assert not list(first_dir.glob(".*.tmp")), "no temp file left behind"
 
@@ -159,8 +159,9 @@ def training_rows(path: Path) -> list[tuple]:
 
 @pytest.mark.parametrize("off_policy", ["none", "per_step"])
 def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path, off_policy):
-    """CartPole's envs pickle: the checkpoint holds them mid-episode, with the RNG stream, V_φ, optimizers,
-    replay and counters, so the iterations after a resume are the uninterrupted run's, number for number."""
+    """CartPole's envs are arrays and numbers: the checkpoint holds them mid-episode (as tensors), with the RNG
+    stream, V_φ, optimizers, replay and counters, so the iterations after a resume are the uninterrupted run's,
+    number for number."""
     common = ["logger=csv", "stop_on_solve=false", "env.num_envs=4", "steps_per_env=64", "estimator=gae",
               f"off_policy={off_policy}", "eval.num_episodes=2", "eval.every_n_iterations=1"]
     whole = train(compose_with(*common, "total_env_steps=1500"), tmp_path / "whole")
