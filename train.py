@@ -34,7 +34,7 @@ gc.enable()
 def main(cfg: DictConfig) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        summary = train(cfg, run_dir)
+        summary = train(cfg, run_dir, announce=rank_zero_only.rank == 0)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -98,7 +98,7 @@ class NaturalGradient(Callback):
         for p, delta in zip(params, _unflatten(step, params)):
             p.grad = -delta  # SGD with lr 1: θ ← θ - grad = θ + Δθ
         self.last_stats = stats
-        pl_module.log_dict({f"npg/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.record_metrics({f"npg/{k}": v for k, v in stats.items()})
 
     # --- the step, usable without Lightning --------------------------------------------------------
 

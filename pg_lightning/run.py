@@ -6,6 +6,7 @@ with a config from ``hydra.compose``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pg_lightning.callbacks import CrashSafeCheckpoint, Evaluation, RunSummary
+from pg_lightning.console import EnvStepProgressBar, quiet_libraries
 from pg_lightning.module import PolicyGradientModule
 from pg_lightning.natural_gradient import NaturalGradient, check_trainer
+from pg_lightning.threads import DEFAULT_TORCH_THREADS
 from pg_lightning.validation import ConfigError, validate_config
 
 # W&B plots every namespace against env steps, not Lightning's global step.
@@ -44,6 +47,8 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
         ConfigError: with one line naming the bad key and value.
     """
     run_dir = Path(run_dir)
+    if not cfg.get("verbose", False):
+        quiet_libraries()
     validate_config(cfg)
     try:
         module = make_module(cfg)
@@ -61,13 +66,12 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
         raise ConfigError(message) from error
     metrics_csv = next((Path(lg.log_dir) / "metrics.csv" for lg in loggers if isinstance(lg, CSVLogger)), None)
     summary = RunSummary(run_dir / "summary.json", evaluation, metrics_csv=metrics_csv, checkpoint=checkpoint.path)
-    # Order matters at the end of a run: final evaluation, then the checkpoint, then the summary.
-    trainer = instantiate(
-        cfg.trainer,
-        logger=loggers or False,
-        callbacks=[*optimizer_callbacks(module), evaluation, checkpoint, summary],
-        default_root_dir=str(run_dir),
-    )
+    # Order matters at the end of a run: final evaluation, then the checkpoint, then the summary; the
+    # progress bar after the evaluation, so that it shows the latest evaluation's return.
+    callbacks = [*optimizer_callbacks(module), evaluation, checkpoint, summary]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(EnvStepProgressBar())
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if isinstance(logger, WandbLogger):
@@ -92,6 +96,7 @@ def make_module(cfg: DictConfig) -> PolicyGradientModule:
         off_policy=instantiate(cfg.off_policy) if cfg.get("off_policy") else None,
         max_iterations=cfg.get("max_iterations"),
         whole_episodes=cfg.get("whole_episodes"),
+        torch_threads=cfg.get("torch_threads", DEFAULT_TORCH_THREADS),
     )
 
 
@@ -100,11 +105,17 @@ def optimizer_callbacks(module: PolicyGradientModule) -> list[Callback]:
     return [module.optimizer_factory] if isinstance(module.optimizer_factory, NaturalGradient) else []
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Build the run from ``cfg``, fit it, and return the summary that was written to ``run_dir``."""
+def train(cfg: DictConfig, run_dir: str | Path, announce: bool = False) -> dict[str, Any]:
+    """Build the run from ``cfg``, fit it, and return the summary that was written to ``run_dir``.
+
+    ``announce``: print the run dir once the run is built (a refused config prints only its error).
+    """
     run = build(cfg, run_dir)
+    if announce:
+        print(f"run dir: {run_dir}", flush=True)
     try:
-        run.trainer.fit(run.module, ckpt_path=run.ckpt_path)
+        # weights_only: the checkpoint's unpickler builds tensors, numbers and strings only (checkpoint.py).
+        run.trainer.fit(run.module, ckpt_path=run.ckpt_path, weights_only=True)
     finally:
         if any(isinstance(logger, WandbLogger) for logger in run.trainer.loggers):
             import wandb
@@ -128,9 +139,27 @@ def make_loggers(logger_cfg: DictConfig | None, run_dir: Path, tags: list[str] |
         group, name = wandb_grouping()
         extra = {"group": logger_cfg.get("group") or group, "name": logger_cfg.get("name") or name, "tags": tags or []}
     logger = instantiate(logger_cfg, save_dir=str(run_dir), **extra)
+    if isinstance(logger, WandbLogger):
+        # Lightning hands wandb.init anonymous=None, which W&B reports as a deprecated setting on every run
+        # (docs/architecture.md, trap 11). Left out, W&B's default is the same.
+        logger._wandb_init.pop("anonymous", None)
     if isinstance(logger, CSVLogger):
-        return [logger]
-    return [logger, CSVLogger(save_dir=str(run_dir), name="", version="")]
+        return [_in_run_dir(logger, run_dir)]
+    return [logger, _in_run_dir(CSVLogger(save_dir=str(run_dir), name="", version=""), run_dir)]
+
+
+def _in_run_dir(logger: CSVLogger, run_dir: Path) -> CSVLogger:
+    """Start the CSV logger's writer now, without its warning that the run dir is not empty.
+
+    Its writer expects a directory of its own and warns about any other file in it; the run dir always
+    holds Hydra's ``.hydra/`` (and W&B's files). What the warning is about, deleting a previous
+    ``metrics.csv``, can only happen in a run dir that has one: then the warning is left to show.
+    """
+    if Path(logger.log_dir) == run_dir and not (run_dir / "metrics.csv").exists():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            _ = logger.experiment  # creates the writer, which checks the directory
+    return logger
 
 
 def wandb_grouping() -> tuple[str | None, str | None]:

@@ -30,6 +30,34 @@ def run_train_py(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+# Lines the libraries print on every run that a default run must not show (and `verbose=true` brings back).
+LIBRARY_NOISE = (
+    "litlogger",  # Lightning's advertisement
+    "LeafSpec",  # a torch deprecation warning raised inside Lightning
+    "exists and is not empty",  # Lightning's CSV writer about the run dir
+    "`weights_only` was not set",  # Lightning's checkpoint saving
+    "GPU available",  # Lightning's hardware summary
+    "wandb:",  # W&B's banner and footer
+)
+
+
+@pytest.mark.slow
+def test_a_default_run_prints_the_progress_the_run_dir_and_the_result_only(tmp_path):
+    run_dir = tmp_path / "quiet"
+    result = run_train_py("total_env_steps=20000", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert [noise for noise in LIBRARY_NOISE if noise in output] == [], output[-3000:]
+    assert result.stdout.splitlines()[0] == f"run dir: {run_dir}"
+    assert result.stdout.splitlines()[-1].startswith("finished: CartPole-v1 baseline seed=0 env_steps=")
+    assert "CartPole-v1:" in result.stderr and "steps/s" in result.stderr, "the progress bar, in env steps"
+    assert (run_dir / "wandb").is_dir(), "W&B still records the run, offline"
+    # The check can fail: with verbose=true the libraries' lines are back.
+    loud = run_train_py("total_env_steps=20000", "verbose=true", f"hydra.run.dir={tmp_path / 'loud'}", cwd=tmp_path)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert {"litlogger", "GPU available", "wandb:"} <= {noise for noise in LIBRARY_NOISE if noise in loud.stdout + loud.stderr}
+
+
 @pytest.mark.slow
 def test_train_py_honours_the_run_dir_and_writes_summary_and_csv(tmp_path):
     run_dir = tmp_path / "my_run"
