@@ -2,8 +2,9 @@
 
 Lightning, torch and W&B each print lines a user does not need on every run: Lightning's hardware summary
 and its advertisement for a logging product (info logs), a deprecation warning that Lightning triggers
-inside torch, W&B's banner and its history footer. ``quiet_libraries`` silences exactly those; ``verbose=true``
-(a config key) leaves everything as the libraries print it. Lines whose cause is ours are fixed where they
+inside torch, W&B's banner and its history footer. ``quiet_libraries`` silences Lightning's and torch's, and
+``run.make_loggers`` starts W&B with its ``silent`` setting (its files still go to the run dir);
+``verbose=true`` (a config key) leaves everything as the libraries print it. Lines whose cause is ours are fixed where they
 start instead (``CrashSafeCheckpoint`` says what its checkpoint holds; ``run.make_loggers`` gives the CSV
 logger the run dir it expects).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 
 from lightning.pytorch import LightningModule, Trainer
@@ -36,8 +36,6 @@ def quiet_libraries() -> None:
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
     )
-    # W&B's banner, its "anonymous" deprecation notice and the run-history footer; its files are in the run dir.
-    os.environ.setdefault("WANDB_SILENT", "true")
 
 
 class EnvStepProgressBar(ProgressBar):

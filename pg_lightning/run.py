@@ -47,7 +47,8 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
         ConfigError: with one line naming the bad key and value.
     """
     run_dir = Path(run_dir)
-    if not cfg.get("verbose", False):
+    quiet = not cfg.get("verbose", False)
+    if quiet:
         quiet_libraries()
     validate_config(cfg)
     try:
@@ -55,7 +56,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
         if optimizer_callbacks(module) and cfg.trainer.get("gradient_clip_val"):
             check_trainer(cfg.trainer)
         tags = [module.env.id, module.estimator.name, f"off_policy={module.off_policy.kind}"]
-        loggers = make_loggers(cfg.logger, run_dir, tags)
+        loggers = make_loggers(cfg.logger, run_dir, tags, quiet=quiet)
         video = bool(cfg.logger.get("video", False)) if cfg.logger else False
         evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000, video=video)
         checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
@@ -121,15 +122,21 @@ def train(cfg: DictConfig, run_dir: str | Path, announce: bool = False) -> dict[
             import wandb
 
             wandb.finish()  # a sweep runs many jobs in one process: each gets its own W&B run
+            # finish() returns before wandb-core has written the run's records to run-*.wandb (trap 16);
+            # teardown() waits for the core to close the run file and exit. The next wandb.init starts a new core.
+            wandb.teardown()
     assert run.summary.summary is not None, "RunSummary writes at the end of fit"
     return run.summary.summary
 
 
-def make_loggers(logger_cfg: DictConfig | None, run_dir: Path, tags: list[str] | None = None) -> list[Logger]:
+def make_loggers(
+    logger_cfg: DictConfig | None, run_dir: Path, tags: list[str] | None = None, quiet: bool = False
+) -> list[Logger]:
     """The ``logger/`` group's logger, plus ``<run_dir>/metrics.csv`` unless the group is ``none``.
 
     A W&B run whose ``group`` is not set is grouped by what launched it (``wandb_grouping``) and tagged with
-    ``tags`` (env id, estimator, off-policy kind).
+    ``tags`` (env id, estimator, off-policy kind); ``quiet`` starts it with W&B's ``silent`` setting (no banner,
+    no history footer on the console).
     """
     if not logger_cfg:
         return []
@@ -138,6 +145,11 @@ def make_loggers(logger_cfg: DictConfig | None, run_dir: Path, tags: list[str] |
     if str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
         group, name = wandb_grouping()
         extra = {"group": logger_cfg.get("group") or group, "name": logger_cfg.get("name") or name, "tags": tags or []}
+        if quiet:
+            import wandb  # only when a W&B logger is configured
+
+            # A Settings object, not a dict: Hydra's instantiate would turn a dict into a DictConfig, which W&B ignores.
+            extra["settings"] = wandb.Settings(silent=True)
     logger = instantiate(logger_cfg, save_dir=str(run_dir), **extra)
     if isinstance(logger, WandbLogger):
         # Lightning hands wandb.init anonymous=None, which W&B reports as a deprecated setting on every run

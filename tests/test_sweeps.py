@@ -142,8 +142,10 @@ def test_logger_video_logs_an_eval_episode_video_to_the_offline_wandb_run(tmp_pa
     videos = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/videos/eval/*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 1000
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = list(wandb_records(run_file))
+    assert records and records[-1].WhichOneof("record_type") == "exit", "train() returned before the run file was closed"
     logged = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
-              for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+              for r in records if r.WhichOneof("record_type") == "history"]
     video = next(h for h in logged if "eval/video/_type" in h)
     assert json.loads(video["eval/video/_type"]) == "video-file"
     assert float(video["rollout/env_steps"]) == summary["env_steps"]
