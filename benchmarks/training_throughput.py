@@ -36,7 +36,12 @@ class IterationTimer(Callback):
         self.stamps.append((time.perf_counter(), pl_module.env_steps))
 
 
-def training_steps_per_s(num_envs: int, steps_per_env: int, iterations: int) -> float:
+def training_steps_per_s(num_envs: int, steps_per_env: int, iterations: int) -> tuple[float, float]:
+    """(env steps/s, env steps per iteration) over the iterations after the warm-up.
+
+    The default estimator collects whole episodes, so an iteration takes at least ``num_envs x steps_per_env``
+    env steps, more as the episodes grow.
+    """
     L.seed_everything(0, verbose=False)
     module = PolicyGradientModule(VectorEnvFactory("CartPole-v1", num_envs=num_envs), steps_per_env=steps_per_env)
     timer = IterationTimer()
@@ -44,7 +49,7 @@ def training_steps_per_s(num_envs: int, steps_per_env: int, iterations: int) -> 
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module)
     (t0, steps0), (t1, steps1) = timer.stamps[WARMUP - 1], timer.stamps[-1]
-    return (steps1 - steps0) / (t1 - t0)
+    return (steps1 - steps0) / (t1 - t0), (steps1 - steps0) / (len(timer.stamps) - WARMUP)
 
 
 def main() -> None:
@@ -59,14 +64,16 @@ def main() -> None:
         steps_per_env = batch // args.num_envs
         torch.manual_seed(0)
         hand = hand_written_loop(make_envs(args.num_envs), CategoricalMLP(4, 2, [64, 64]), steps_per_env * 4)
-        ours = training_steps_per_s(args.num_envs, steps_per_env, args.iterations)
+        ours, per_iteration = training_steps_per_s(args.num_envs, steps_per_env, args.iterations)
         rows.append({"batch": batch, "num_envs": args.num_envs, "steps_per_env": steps_per_env,
+                     "env_steps_per_iteration": round(per_iteration),
                      "hand_written_rollout_steps_per_s": round(hand), "training_steps_per_s": round(ours),
                      "ratio": round(ours / hand, 3)})
-    print(f"{'batch':>7} {'envs x T':>10} {'hand rollout/s':>15} {'training/s':>11} {'ratio':>6}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"{'batch':>7} {'envs x T':>10} {'steps/iteration':>16} {'hand rollout/s':>15} {'training/s':>11} {'ratio':>6}")
     for r in rows:
-        print(f"{r['batch']:>7} {r['num_envs']:>4} x {r['steps_per_env']:<4} {r['hand_written_rollout_steps_per_s']:>15,} "
-              f"{r['training_steps_per_s']:>11,} {r['ratio']:>6.3f}")
+        print(f"{r['batch']:>7} {r['num_envs']:>4} x {r['steps_per_env']:<4} {r['env_steps_per_iteration']:>16,} "
+              f"{r['hand_written_rollout_steps_per_s']:>15,} {r['training_steps_per_s']:>11,} {r['ratio']:>6.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
 

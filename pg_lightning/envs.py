@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -68,10 +67,6 @@ class VectorEnvFactory:
         spec = gym.spec(self.id)
         mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
         envs = gym.make_vec(self.id, num_envs=num_envs, vectorization_mode=mode, **self._make_kwargs())
-        if mode == "sync":
-            # make_vec's env factories are closures; partials make the vector env picklable whenever its
-            # envs are, so that a checkpoint can hold the envs' state (RolloutCollector.state_dict).
-            envs.env_fns = [partial(gym.make, self.id, **self._make_kwargs())] * num_envs
         if self.observation_indices is not None:
             envs = _select_observations(envs, list(self.observation_indices))
         return envs
