@@ -75,8 +75,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", type=int, nargs="+", default=[64, 1024, 8192])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, default=DEFAULT_TORCH_THREADS, help="both loops use these")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout_throughput.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
     rows = [measure(n, args.repeats) for n in args.envs]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'envs':>6} {'T':>6} {'hand-written/s':>15} {'pg_lightning/s':>15} {'ratio':>6}")

@@ -5,13 +5,19 @@
 For each batch size (num_envs x T), trains CartPole-v1 with the default estimator for a fixed number of
 iterations (no logger, no evaluation; the first two iterations are warm-up and not counted) and compares
 with the hand-written rollout loop alone (benchmarks/rollout_throughput.py) on the same envs, measured
-right before it in the same process. Prints a table and writes JSON.
+right before it in the same process; ``--repeats`` alternating pairs, medians compared. Prints a table and
+writes JSON.
+
+The default estimator collects whole episodes, so an iteration is at least num_envs x T env steps and grows as
+the policy learns to balance (the table prints the mean). ``--episode-cap`` caps episodes at T steps (the
+env's time limit), so that iterations stay near num_envs x T: the way to measure 1k-step iterations.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -36,14 +42,17 @@ class IterationTimer(Callback):
         self.stamps.append((time.perf_counter(), pl_module.env_steps))
 
 
-def training_steps_per_s(num_envs: int, steps_per_env: int, iterations: int) -> tuple[float, float]:
+def training_steps_per_s(
+    num_envs: int, steps_per_env: int, iterations: int, max_episode_steps: int | None = None
+) -> tuple[float, float]:
     """(env steps/s, env steps per iteration) over the iterations after the warm-up.
 
     The default estimator collects whole episodes, so an iteration takes at least ``num_envs x steps_per_env``
     env steps, more as the episodes grow.
     """
     L.seed_everything(0, verbose=False)
-    module = PolicyGradientModule(VectorEnvFactory("CartPole-v1", num_envs=num_envs), steps_per_env=steps_per_env)
+    env = VectorEnvFactory("CartPole-v1", num_envs=num_envs, max_episode_steps=max_episode_steps)
+    module = PolicyGradientModule(env, steps_per_env=steps_per_env)
     timer = IterationTimer()
     trainer = L.Trainer(max_epochs=iterations, accelerator="cpu", logger=False, callbacks=[timer],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -56,19 +65,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-envs", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--iterations", type=int, default=12, help="at least; small batches run 100k steps' worth")
+    parser.add_argument("--episode-cap", action="store_true",
+                        help="cap episodes at T steps, so that a whole-episode iteration is about num_envs x T steps")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating (hand loop, training) pairs; medians")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "training_throughput.json")
     args = parser.parse_args()
     rows = []
     for batch in args.batches:
         steps_per_env = batch // args.num_envs
-        torch.manual_seed(0)
-        hand = hand_written_loop(make_envs(args.num_envs), CategoricalMLP(4, 2, [64, 64]), steps_per_env * 4)
-        ours, per_iteration = training_steps_per_s(args.num_envs, steps_per_env, args.iterations)
-        rows.append({"batch": batch, "num_envs": args.num_envs, "steps_per_env": steps_per_env,
-                     "env_steps_per_iteration": round(per_iteration),
-                     "hand_written_rollout_steps_per_s": round(hand), "training_steps_per_s": round(ours),
-                     "ratio": round(ours / hand, 3)})
+        cap = steps_per_env if args.episode_cap else None
+        iterations = max(args.iterations, WARMUP + 100_000 // batch)
+        hand, ours = [], []
+        for _ in range(args.repeats):  # alternating, so that the shared machine's noise hits both alike
+            torch.manual_seed(0)
+            hand.append(hand_written_loop(make_envs(args.num_envs), CategoricalMLP(4, 2, [64, 64]),
+                                          max(steps_per_env * 4, 131_072 // args.num_envs)))
+            steps_per_s, per_iteration = training_steps_per_s(args.num_envs, steps_per_env, iterations, cap)
+            ours.append(steps_per_s)
+        hand_median, ours_median = statistics.median(hand), statistics.median(ours)
+        rows.append({"batch": batch, "num_envs": args.num_envs, "steps_per_env": steps_per_env, "episode_cap": cap,
+                     "env_steps_per_iteration": round(per_iteration), "repeats": args.repeats,
+                     "hand_written_rollout_steps_per_s": round(hand_median), "training_steps_per_s": round(ours_median),
+                     "ratio": round(ours_median / hand_median, 3)})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(f"{'batch':>7} {'envs x T':>10} {'steps/iteration':>16} {'hand rollout/s':>15} {'training/s':>11} {'ratio':>6}")
     for r in rows:
