@@ -170,7 +170,7 @@ def main() -> None:
         if rec["saved_at_iteration"] is None:
             print(f"seed {seed}: never reached {args.save_at}", flush=True)
             continue
-        ckpt = torch.load(ckpt_path)
+        ckpt = torch.load(ckpt_path, weights_only=True)
         print(f"seed {seed}: checkpoint at iteration {ckpt['iteration']} (train return {ckpt['train_return']:.1f})",
               flush=True)
         policy = peer.make_policy(4, 2)

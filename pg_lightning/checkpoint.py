@@ -1,6 +1,7 @@
 """Checkpoints that hold no code: what is saved is tensors, numbers and strings, and loading runs nothing.
 
-A pickle can make its loader run any function, so a checkpoint that is unpickled is a program. Lightning
+A pickle can make its loader run any function, so a checkpoint that is unpickled is a program
+(docs/architecture.md, trap 15). Lightning
 and torch load ours with ``weights_only=True``, whose unpickler accepts only tensors, numbers, strings and
 containers of them and refuses anything else before building it. Everything pg_lightning saves is of that
 kind, including the envs' state:

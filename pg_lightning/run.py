@@ -165,7 +165,8 @@ def _in_run_dir(logger: CSVLogger, run_dir: Path) -> CSVLogger:
 
     Its writer expects a directory of its own and warns about any other file in it; the run dir always
     holds Hydra's ``.hydra/`` (and W&B's files). What the warning is about, deleting a previous
-    ``metrics.csv``, can only happen in a run dir that has one: then the warning is left to show.
+    ``metrics.csv``, can only happen in a run dir that has one: then the warning is left to show
+    (docs/architecture.md, trap 14).
     """
     if Path(logger.log_dir) == run_dir and not (run_dir / "metrics.csv").exists():
         with warnings.catch_warnings():
