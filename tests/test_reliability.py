@@ -42,6 +42,8 @@ TINY = ["logger=csv", "env.num_envs=2", "steps_per_env=50", "eval.num_episodes=2
         (["env.id=PgTest/MultiDiscrete-v0"], "action space MultiDiscrete([2 2]) is not supported"),
         (["trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0 is not supported"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path '/nonexistent/last.ckpt' is not a file"),
+        (["torch_threads=0"], "torch_threads must be a positive integer or null (torch's default: one per core), got 0"),
+        (["verbose=yes"], "verbose must be true or false, got 'yes'"),
     ],
 )
 def test_bad_config_values_are_refused_with_key_and_value(overrides, message, tmp_path):
