@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,8 @@ class VectorEnvFactory:
     """How to build a gymnasium vector env; the config group ``env/`` instantiates this.
 
     Args:
-        id: a registered gymnasium id, e.g. ``CartPole-v1``.
+        id: a registered gymnasium id, e.g. ``CartPole-v1``, or ``module:EnvId`` as gymnasium accepts it
+            (``mypkg.envs:Corridor-v0`` imports ``mypkg.envs``, which registers ``Corridor-v0``).
         num_envs: parallel envs per process (per DDP rank).
         observation_indices: keep only these observation entries, e.g. ``[0, 2]`` hides CartPole's
             velocities (a POMDP, lecture §3.3). ``None`` keeps them all.
@@ -27,6 +29,8 @@ class VectorEnvFactory:
         max_episode_steps: the time limit (episodes are truncated after this many steps); ``None`` takes
             the env spec's. Whole-episode batches need one, or a batch might never end.
         kwargs: keyword arguments for the env's constructor.
+        imports: modules to import before the id is looked up: the ones whose import registers your envs
+            (``gymnasium.register``). They are imported again wherever envs are made (every DDP rank).
 
     The env's native vectorised implementation is used where it has one (CartPole-v1 does), else a
     synchronous vector env: with 2 cores, subprocess envs cost more in IPC than they save.
@@ -38,17 +42,32 @@ class VectorEnvFactory:
     reward_threshold: float | None = None
     max_episode_steps: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    imports: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         require("env.num_envs", self.num_envs, positive_int, "a positive integer")
+        if ":" in self.id:  # gymnasium's "module:EnvId": the module registers the id when imported
+            module, self.id = self.id.split(":", 1)
+            self.imports = [*self.imports, module]
+        self.imports = list(self.imports)
+        self.import_modules()
         if self.id not in gym.registry:
             close = difflib.get_close_matches(self.id, list(gym.registry), n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            hint = (f" (did you mean {', '.join(close)}?)" if close else
+                    " (your own env? import the module that registers it: env.imports=[mypkg.envs], or env.id=mypkg.envs:<id>)")
             raise ValueError(f"env.id {self.id!r} is not a registered gymnasium environment{hint}")
         if self.reward_threshold is None:
             self.reward_threshold = gym.spec(self.id).reward_threshold
         if self.max_episode_steps is not None:
             require("env.max_episode_steps", self.max_episode_steps, positive_int, "a positive integer or null")
+
+    def import_modules(self) -> None:
+        """Import ``imports`` (registering their envs); one line naming the module if one cannot be imported."""
+        for module in self.imports:
+            try:
+                importlib.import_module(module)
+            except Exception as error:  # noqa: BLE001 - any import failure is the user's module: one line
+                raise ValueError(f"env.imports: cannot import {module!r} ({type(error).__name__}: {error})") from None
 
     @property
     def time_limit(self) -> int | None:
@@ -64,6 +83,7 @@ class VectorEnvFactory:
     def make(self, num_envs: int | None = None) -> VectorEnv:
         """A new vector env of ``num_envs`` (default ``self.num_envs``) copies; not yet reset."""
         num_envs = self.num_envs if num_envs is None else num_envs
+        self.import_modules()  # a fresh process (a spawned DDP rank) has not registered the user's envs yet
         spec = gym.spec(self.id)
         mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
         envs = gym.make_vec(self.id, num_envs=num_envs, vectorization_mode=mode, **self._make_kwargs())
