@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,14 @@ class VectorEnvFactory:
             except Exception as error:  # noqa: BLE001 - any import failure is the user's module: one line
                 raise ValueError(f"env.imports: cannot import {module!r} ({type(error).__name__}: {error})") from None
 
+    def _newer_version_hint(self) -> str:
+        """`` (use <name>-v<latest>)`` when the registry has a newer version of this env, else ``""``."""
+        namespace, name, version = gym.envs.registration.parse_env_id(self.id)
+        latest = gym.envs.registration.find_highest_version(namespace, name)
+        if version is None or latest is None or latest <= version:
+            return ""
+        return f"; use {gym.envs.registration.get_env_id(namespace, name, latest)}, the current version"
+
     @property
     def time_limit(self) -> int | None:
         """The episode cap in steps: ``max_episode_steps`` if set, else the env spec's (None if neither has one)."""
@@ -82,18 +91,34 @@ class VectorEnvFactory:
 
     def make(self, num_envs: int | None = None) -> VectorEnv:
         """A new vector env of ``num_envs`` (default ``self.num_envs``) copies; not yet reset."""
-        num_envs = self.num_envs if num_envs is None else num_envs
-        self.import_modules()  # a fresh process (a spawned DDP rank) has not registered the user's envs yet
-        spec = gym.spec(self.id)
-        mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
-        envs = gym.make_vec(self.id, num_envs=num_envs, vectorization_mode=mode, **self._make_kwargs())
+        envs = self._make_vector_env(self.num_envs if num_envs is None else num_envs)
         if self.observation_indices is not None:
             envs = _select_observations(envs, list(self.observation_indices))
         return envs
 
+    def _make_vector_env(self, num_envs: int) -> VectorEnv:
+        """gymnasium's vector env of the id, before our observation selection."""
+        self.import_modules()  # a fresh process (a spawned DDP rank) has not registered the user's envs yet
+        spec = gym.spec(self.id)
+        mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
+        return gym.make_vec(self.id, num_envs=num_envs, vectorization_mode=mode, **self._make_kwargs())
+
     def spaces(self) -> tuple[gym.Space, gym.Space]:
-        """``(observation_space, action_space)`` of one env, read from a throwaway env."""
-        envs = self.make(num_envs=1)
+        """``(observation_space, action_space)`` of one env, read from a throwaway env.
+
+        Raises:
+            ValueError: one line, if the env cannot be made (naming a newer registered version if there is one).
+        """
+        try:
+            with warnings.catch_warnings():  # gymnasium's "out of date" notice: the hint below says it in one line
+                warnings.simplefilter("ignore")
+                envs = self._make_vector_env(num_envs=1)
+        except Exception as error:  # noqa: BLE001 - whatever the env's constructor raises: one line for the user
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            hint = self._newer_version_hint()
+            raise ValueError(f"env.id {self.id!r} cannot be made ({type(error).__name__}: {first_line}){hint}") from None
+        if self.observation_indices is not None:
+            envs = _select_observations(envs, list(self.observation_indices))
         try:
             return envs.single_observation_space, envs.single_action_space
         finally:

@@ -58,6 +58,9 @@ def require(key: str, value: Any, check: Callable[[Any], bool], expected: str, e
     if not check(value):
         raise error(f"{key} must be {expected}, got {value!r}")
 
+# Integer keys where an integer-valued float (``total_env_steps=1e6``) is accepted and converted.
+INTEGER_KEYS = ("total_env_steps", "steps_per_env", "max_iterations", "env.num_envs", "env.max_episode_steps")
+
 # key -> (check, what a valid value is). Keys that a config does not have are skipped.
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_is_int, "an integer"),
@@ -67,6 +70,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_skipped_updates": (positive_int, "a positive integer"),
     "env.num_envs": (positive_int, "a positive integer"),
     "env.max_episode_steps": (lambda v: v is None or positive_int(v), "a positive integer or null"),
+    "env.reward_threshold": (lambda v: v is None or _is_number(v), "a number or null"),
     "whole_episodes": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
     "verbose": (lambda v: isinstance(v, bool), "true or false"),
     "torch_threads": (lambda v: v is None or positive_int(v), "a positive integer or null (torch's default: one per core)"),
@@ -95,6 +99,10 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first value that cannot work (see ``CHECKS`` and the rules below)."""
     from omegaconf import OmegaConf  # here, not at the top: the analysis API imports this module without Hydra
 
+    for key in INTEGER_KEYS:  # 1e6 is an integer budget written as a float: take it as one
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, float) and value.is_integer():
+            OmegaConf.update(cfg, key, int(value))
     for key, (check, expected) in CHECKS.items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is not _MISSING:  # _MISSING: the config has no such key (or its parent is null)
@@ -121,6 +129,8 @@ def validate_config(cfg: DictConfig) -> None:
             "logger.video=true needs the rendering extra to encode videos (moviepy is not installed): "
             'pip install -e ".[video]"'
         )
+    _check_accelerator(OmegaConf.select(cfg, "trainer.accelerator", default=None))
+    _check_optimizer(cfg)
     ckpt_path = OmegaConf.select(cfg, "ckpt_path", default=None)
     if ckpt_path is not None:
         if not os.path.isfile(str(ckpt_path)):
@@ -132,3 +142,34 @@ def validate_config(cfg: DictConfig) -> None:
         except UnsafeCheckpointError as error:
             raise ConfigError(str(error)) from None
 
+
+
+def _check_accelerator(accelerator: Any) -> None:
+    """Refuse a GPU accelerator on a machine without one (Lightning would stop with a long traceback)."""
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can use "
+                "(torch.cuda.is_available() is False); use trainer.accelerator=cpu"
+            )
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    """Build the optimizer on a dummy parameter, so that torch refuses a bad argument before anything runs."""
+    from omegaconf import OmegaConf
+
+    optimizer = OmegaConf.select(cfg, "optimizer", default=None)
+    if optimizer is None or str(optimizer.get("_target_", "")).endswith("NaturalGradient"):
+        return  # the natural gradient checks its own arguments in its constructor
+    import torch
+    from hydra.utils import instantiate
+
+    try:
+        instantiate(optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    except Exception as error:  # noqa: BLE001 - torch's ValueError/TypeError, Hydra's wrapper: one line
+        while error.__cause__ is not None:  # Hydra wraps the optimizer's own error
+            error = error.__cause__
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ConfigError(f"optimizer ({optimizer.get('_target_')}) refuses its arguments: {first_line}") from None

@@ -44,6 +44,11 @@ TINY = ["logger=csv", "env.num_envs=2", "steps_per_env=50", "eval.num_episodes=2
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path '/nonexistent/last.ckpt' is not a file"),
         (["torch_threads=0"], "torch_threads must be a positive integer or null (torch's default: one per core), got 0"),
         (["verbose=yes"], "verbose must be true or false, got 'yes'"),
+        (["env.reward_threshold=abc"], "env.reward_threshold must be a number or null, got 'abc'"),
+        (["env.id=HalfCheetah-v3"], "env.id 'HalfCheetah-v3' cannot be made (ImportError: The mujoco v2 and v3 based"),
+        (["env.id=HalfCheetah-v3"], "; use HalfCheetah-v5, the current version"),
+        (["optimizer=sgd", "optimizer.momentum=-1"], "optimizer (torch.optim.SGD) refuses its arguments: Invalid momentum value: -1"),
+        (["env.observation_indices=[0,9]"], "env.observation_indices [0, 9] out of range for observations of size 4"),
     ],
 )
 def test_bad_config_values_are_refused_with_key_and_value(overrides, message, tmp_path):
@@ -52,6 +57,20 @@ def test_bad_config_values_are_refused_with_key_and_value(overrides, message, tm
     assert message in str(info.value)
     assert "\n" not in str(info.value), "one line"
     assert not (tmp_path / "summary.json").exists(), "refused before the run started"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_accelerator_without_a_gpu_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trainer.accelerator=gpu: this machine has no CUDA GPU .* use trainer.accelerator=cpu$"):
+        train(compose_with("trainer.accelerator=gpu", "logger=none"), tmp_path)
+
+
+def test_an_integer_budget_written_as_a_float_is_taken_as_an_integer(tmp_path):
+    summary = train(compose_with("total_env_steps=2e3", "env.num_envs=2", "steps_per_env=50", "logger=none",
+                                 "stop_on_solve=false", "eval.num_episodes=2"), tmp_path)
+    assert summary["status"] == "finished" and summary["env_steps"] >= 2000
+    with pytest.raises(ConfigError, match=r"^total_env_steps must be a positive integer, got 2500.5$"):
+        train(compose_with("total_env_steps=2500.5", "logger=none"), tmp_path / "fractional")
 
 
 def read_metrics(path: Path) -> list[dict]:
