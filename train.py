@@ -11,7 +11,9 @@ Outputs (metrics.csv, summary.json, W&B offline files) go to Hydra's run dir (``
 """
 
 import gc
+import json
 import sys
+from pathlib import Path
 
 # Importing torch and Lightning creates about a million objects: the cyclic garbage collector would walk them
 # again and again while they load (~0.45 s of a CartPole run) and once more at exit (~0.8 s). None of them is
@@ -19,6 +21,7 @@ import sys
 gc.disable()
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 from lightning.pytorch.utilities.rank_zero import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -30,11 +33,31 @@ gc.freeze()
 gc.enable()
 
 
+# Exit statuses of a run stopped by a signal, as a shell reports them (128 + the signal's number).
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def interrupted(run_dir: str, signal_exit: int) -> None:
+    """Say where an interrupted run's work is and how to resume it, then exit with the signal's status."""
+    if rank_zero_only.rank == 0:
+        overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path="))
+        checkpoint = f"{run_dir}/last.ckpt"
+        print(f"interrupted: saved {checkpoint} and {run_dir}/summary.json (status interrupted)\n"
+              f"resume: python train.py {overrides + ' ' if overrides else ''}ckpt_path={checkpoint}", file=sys.stderr)
+    sys.exit(signal_exit)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         summary = train(cfg, run_dir, announce=rank_zero_only.rank == 0)
+    except SIGTERMException:  # Lightning stops after the current batch and exits 0 without a word
+        interrupted(run_dir, EXIT_SIGTERM)
+    except SystemExit as stop:  # Ctrl-C: Lightning saves through our callbacks, then exits 1
+        if _status(run_dir) == "interrupted":
+            interrupted(run_dir, EXIT_SIGINT)
+        raise stop
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -50,6 +73,13 @@ def main(cfg: DictConfig) -> float | None:
         f"solved={summary['solved']} wall_s={summary['wall_s']}"
     )
     return summary["eval_return_mean"]  # the objective of an Optuna sweep (hydra/sweeper=lr_batch_search)
+
+
+def _status(run_dir: str) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 if __name__ == "__main__":

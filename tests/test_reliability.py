@@ -152,6 +152,11 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_the_resumed_run_reaches_the_bu
     _, stderr = process.communicate(timeout=60)
     summary = json.loads((first_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted", stderr[-2000:]
+    # The run says where its work is and how to go on, and exits as a shell reports SIGTERM.
+    assert process.returncode == 143, stderr[-2000:]
+    assert f"interrupted: saved {first_dir}/last.ckpt" in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"resume: python train.py {' '.join(common)} total_env_steps=100000000 ckpt_path={first_dir}/last.ckpt")
     checkpoint = torch.load(first_dir / "last.ckpt", weights_only=True)
     assert checkpoint["pg_lightning"]["env_steps"] == summary["env_steps"] > 0
     assert not list(first_dir.glob(".*.tmp")), "no temp file left behind"
@@ -168,6 +173,24 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_the_resumed_run_reaches_the_bu
     assert final["status"] == "finished" and final["env_steps"] >= budget
     # Counters continue from the checkpoint: 3 batches of 256 x 16 steps, or 4 as reset steps are no env steps.
     assert final["iterations"] - summary["iterations"] in (3, 4)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "logger=csv", "stop_on_solve=false", "total_env_steps=100000000",
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    wait_for(lambda: (run_dir / "metrics.csv").exists() and len(read_metrics(run_dir / "metrics.csv")) >= 2, timeout=120)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].endswith(f"ckpt_path={run_dir}/last.ckpt")
 
 
 TRAINING_COLUMNS = ("rollout/env_steps", "rollout/return_mean", "rollout/episodes", "loss/policy", "loss/value",
