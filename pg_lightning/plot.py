@@ -62,11 +62,15 @@ def _key_value(run_dir: Path, summary: dict, key: str) -> str:
     raise ValueError(f"--by {key!r}: run {run_dir} has no such key in summary.json or .hydra/config.yaml")
 
 
+class NoMetricsError(ValueError):
+    """A run without a metrics.csv (``logger=none``, or stopped before its first iteration)."""
+
+
 def load_run(run_dir: Path, by: str, metric: str) -> RunCurve:
     summary = json.loads((run_dir / "summary.json").read_text())
     csv_path = Path(summary.get("metrics_csv") or run_dir / "metrics.csv")
     if not csv_path.is_file():
-        raise ValueError(f"run {run_dir} has no metrics.csv (was it run with logger=none?)")
+        raise NoMetricsError(f"run {run_dir} has no metrics.csv (was it run with logger=none?)")
     steps, values = [], []
     with open(csv_path) as f:
         for row in csv.DictReader(f):
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pg_lightning.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run dirs or sweep dirs (searched recursively)")
     parser.add_argument("--by", default="estimator", help="summary.json or config keys (comma-separated) that make the lines")
-    parser.add_argument("--metric", default="eval/return_mean")
+    parser.add_argument("--metric", default="eval/return_mean",
+                        help="a metrics.csv column, plotted against rollout/env_steps (e.g. rollout/return_mean, diag/entropy)")
     parser.add_argument("--out", type=Path, default=Path("learning_curves.png"))
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
@@ -157,9 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"error: no run (a directory with summary.json) under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 2
+    curves = []
     try:
-        curves = [load_run(run, args.by, args.metric) for run in runs]
-    except ValueError as error:
+        for run in runs:
+            try:
+                curves.append(load_run(run, args.by, args.metric))
+            except NoMetricsError as error:  # one run without metrics does not cost the others their figure
+                print(f"warning: skipped: {error}", file=sys.stderr)
+    except ValueError as error:  # a --by key that a run does not have
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not any(len(c.env_steps) for c in curves):

@@ -111,6 +111,16 @@ def test_held_values_and_group_statistics():
     assert mean[1:].tolist() == [3.0, 4.0, 4.0, 6.0] and std[1] == 1.0
 
 
+def test_plot_skips_a_run_without_metrics_and_draws_the_others(sweep_dir, tmp_path, capsys):
+    lone = tmp_path / "no_metrics_run"
+    lone.mkdir()
+    (lone / "summary.json").write_text(json.dumps({"estimator": "reinforce", "metrics_csv": None}))
+    assert plot.main([str(sweep_dir), str(lone), "--out", str(tmp_path / "c.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"warning: skipped: run {lone} has no metrics.csv") and captured.err.count("\n") == 1
+    assert (tmp_path / "c.png").is_file()
+
+
 def test_plot_refuses_paths_without_runs_in_one_line(tmp_path, capsys):
     assert plot.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
