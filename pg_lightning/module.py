@@ -39,7 +39,7 @@ from pg_lightning.functional import masked_mean
 from pg_lightning.gradient import policy_loss
 from pg_lightning.natural_gradient import NaturalGradient
 from pg_lightning.off_policy import OffPolicy, importance_loss, select_estimate
-from pg_lightning.policies import mlp_policy
+from pg_lightning.policies import check_policy, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.threads import DEFAULT_TORCH_THREADS, set_torch_threads
 from pg_lightning.validation import positive_int, require
@@ -113,6 +113,7 @@ class PolicyGradientModule(LightningModule):
         check_action_space(action_space)
         if not isinstance(policy, nn.Module):
             policy = (policy or mlp_policy)(observation_space, action_space)
+        check_policy(policy, observation_space, action_space)  # a broken contract fails here, not deep in a rollout
         self.policy = policy
         self.estimator = estimator or Estimator()
         self.whole_episodes = self._batch_rule(whole_episodes)

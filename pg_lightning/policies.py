@@ -136,3 +136,37 @@ def mlp_policy(
     raise ValueError(
         f"action space {action_space} is not supported: use Discrete or a 1-D Box, or pass your own policy"
     )
+
+
+def check_policy(policy: nn.Module, observation_space: gym.Space, action_space: gym.Space) -> None:
+    """Refuse, in one line, a policy that breaks the contract the rollout relies on.
+
+    The contract: ``policy(obs)`` on a ``[B, *obs_shape]`` float tensor returns a ``Distribution`` whose
+    ``sample()`` is ``[B, *action_shape]`` and whose ``log_prob(actions)`` is ``[B]`` (one log-probability per
+    observation: a Normal over an action vector must be wrapped in ``Independent(..., 1)``). Checked on a batch
+    of 2 observations sampled from ``observation_space``, without gradients.
+    """
+    name = type(policy).__name__
+    parameter = next(policy.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    obs = torch.as_tensor(np.stack([observation_space.sample() for _ in range(2)]), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        dist = policy(obs)
+        if not isinstance(dist, Distribution):
+            raise ValueError(
+                f"policy {name}: forward(obs) must return a torch.distributions.Distribution, got "
+                f"{type(dist).__name__} (e.g. return Categorical(logits=logits) instead of the logits)"
+            )
+        act = dist.sample()
+        expected = (2, *action_space.shape)
+        if tuple(act.shape) != expected:
+            raise ValueError(
+                f"policy {name}: sample() on a batch of 2 observations has shape {tuple(act.shape)}, expected "
+                f"{expected} for the action space {action_space}"
+            )
+        logp = dist.log_prob(act)
+        if tuple(logp.shape) != (2,):
+            raise ValueError(
+                f"policy {name}: log_prob(actions) on a batch of 2 has shape {tuple(logp.shape)}, expected (2,): one "
+                "log-probability per observation (wrap a Normal over an action vector in Independent(normal, 1))"
+            )

@@ -78,6 +78,43 @@ def test_a_user_policy_plugs_into_the_module():
     assert not torch.equal(policy.table.detach(), torch.zeros(2)), "the optimizer updated the user's parameters"
 
 
+class LogitsPolicy(nn.Module):
+    """Returns the logits, not a distribution."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, obs):
+        return self.linear(obs)
+
+
+class PlainNormalPolicy(nn.Module):
+    """A Normal over a 1-D action vector without Independent: log_prob is [B, 1], not [B]."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean = nn.Linear(3, 1)
+
+    def forward(self, obs):
+        return torch.distributions.Normal(self.mean(obs), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "policy", "message"),
+    [
+        ("CartPole-v1", LogitsPolicy(), "policy LogitsPolicy: forward(obs) must return a torch.distributions.Distribution, "
+                                        "got Tensor (e.g. return Categorical(logits=logits) instead of the logits)"),
+        ("Pendulum-v1", PlainNormalPolicy(), "policy PlainNormalPolicy: log_prob(actions) on a batch of 2 has shape (2, 1), "
+                                             "expected (2,): one log-probability per observation"),
+    ],
+)
+def test_a_policy_that_breaks_the_contract_is_refused_in_one_line(env_id, policy, message):
+    with pytest.raises(ValueError) as info:
+        PolicyGradientModule(env_id, policy=policy)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
 def test_gather_categorical_equals_torch_categorical():
     """The rollout's and the evaluation's lighter calls give torch's numbers: log_prob, mode, and sample()
     (the same multinomial draw, so the same actions from the same RNG state)."""
