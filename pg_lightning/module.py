@@ -19,6 +19,7 @@ so Lightning's ``gradient_clip_val`` does not apply.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -146,6 +147,17 @@ class PolicyGradientModule(LightningModule):
         self.train_return_mean = math.nan
         self._last_step_time: float | None = None
         self._pending_metrics: dict[str, float | torch.Tensor] = {}
+
+    @classmethod
+    def from_run(cls, path: str | os.PathLike) -> PolicyGradientModule:
+        """The module a ``train.py`` run trained, rebuilt from its run dir (or a checkpoint in it), in eval mode.
+
+        The env, policy and estimator come from the run's saved config, the weights from its checkpoint
+        (loaded weights-only): ``pg_lightning.evaluate_run.load_module``.
+        """
+        from pg_lightning.evaluate_run import load_module
+
+        return load_module(path)
 
     def _batch_rule(self, whole_episodes: bool | None) -> bool:
         """Resolve ``whole_episodes`` for this estimator and env; refuse combinations that cannot be unbiased or end."""

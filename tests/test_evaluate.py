@@ -1,0 +1,55 @@
+"""Load, evaluate and render a trained policy: PolicyGradientModule.from_run and python -m pg_lightning.evaluate_run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_train import REPO
+
+from pg_lightning import PolicyGradientModule
+from pg_lightning import evaluate_run as evaluate_cli
+
+
+@pytest.fixture(scope="module")
+def linear_run(tmp_path_factory):
+    """A short train.py run with the linear policy (its saved config is what rebuilds it)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    run_dir = root / "run"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "logger=none", "policy=linear", "env.num_envs=2", "steps_per_env=50",
+         "total_env_steps=2000", "stop_on_solve=false", f"hydra.run.dir={run_dir}"],
+        cwd=root, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_from_run_rebuilds_the_trained_policy_with_its_weights(linear_run):
+    module = PolicyGradientModule.from_run(linear_run)
+    saved = torch.load(linear_run / "last.ckpt", weights_only=True)["state_dict"]
+    weights = {name: value for name, value in module.state_dict().items()}
+    assert weights.keys() == saved.keys()
+    assert all(torch.equal(weights[name], saved[name]) for name in saved)
+    assert sum(p.numel() for p in module.policy.parameters()) == 4 * 2 + 2, "the linear policy, not the default MLP"
+    assert not module.training
+    # A checkpoint file works as well as its run dir.
+    same = PolicyGradientModule.from_run(linear_run / "last.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(same.policy.parameters(), module.policy.parameters()))
+
+
+def test_the_evaluate_command_prints_the_return_and_writes_a_video(linear_run, tmp_path, capsys):
+    video = tmp_path / "episode.mp4"
+    assert evaluate_cli.main([str(linear_run), "--episodes", "3", "--video", str(video)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("CartPole-v1: deterministic return ") and "over 3 episodes" in out
+    assert video.is_file() and video.stat().st_size > 1000
+
+
+def test_the_evaluate_command_refuses_a_dir_without_a_run_in_one_line(tmp_path, capsys):
+    assert evaluate_cli.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}: no checkpoint") and err.count("\n") == 1
