@@ -24,7 +24,9 @@ from pg_lightning.validation import positive_int, require
 class Evaluation(Callback):
     """Every ``every_n_iterations``, run ``num_episodes`` deterministic episodes on separate envs.
 
-    Logs ``eval/return_mean``, ``eval/return_std`` and, to W&B, the histogram ``eval/returns``. With
+    Logs ``eval/return_mean``, ``eval/return_std`` and, to W&B, the histogram ``eval/returns``; the latest
+    ``eval/return_mean`` is also in ``trainer.callback_metrics`` after every iteration from the first evaluation
+    on, so that ``ModelCheckpoint`` and ``EarlyStopping`` can monitor it (list them after this callback). With
     ``stop_on_solve``, training ends once the mean reaches the env's ``reward_threshold`` (CartPole-v1:
     475). The last iteration is always evaluated, so the final policy has a score.
 
@@ -74,6 +76,10 @@ class Evaluation(Callback):
         module = _pg_module(pl_module)
         if module.iterations % self.every_n_iterations == 0:
             self._evaluate(trainer, module)
+        if not math.isnan(self.return_mean):
+            # The latest evaluation in trainer.callback_metrics, for Lightning's own callbacks
+            # (ModelCheckpoint(monitor="eval/return_mean", mode="max"), EarlyStopping); the loggers get it above.
+            pl_module.log("eval/return_mean", self.return_mean, logger=False, on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         module = _pg_module(pl_module)

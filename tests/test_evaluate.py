@@ -53,3 +53,25 @@ def test_the_evaluate_command_refuses_a_dir_without_a_run_in_one_line(tmp_path, 
     assert evaluate_cli.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path}: no checkpoint") and err.count("\n") == 1
+
+
+def test_lightnings_model_checkpoint_and_early_stopping_see_the_evaluation(tmp_path):
+    """eval/return_mean reaches trainer.callback_metrics: ModelCheckpoint keeps the best policy and EarlyStopping's
+    stopping_threshold ends training, as a Lightning user would write them."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from pg_lightning import Evaluation, VectorEnvFactory
+
+    L.seed_everything(0, verbose=False)
+    module = PolicyGradientModule(VectorEnvFactory("CartPole-v1", num_envs=4), steps_per_env=64, total_env_steps=50_000)
+    evaluation = Evaluation(every_n_iterations=2, num_episodes=4, stop_on_solve=False)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="eval/return_mean", mode="max", save_top_k=1)
+    # strict=False: before the first evaluation there is nothing to monitor yet.
+    early = EarlyStopping(monitor="eval/return_mean", mode="max", stopping_threshold=30.0, patience=10_000, strict=False)
+    trainer = L.Trainer(max_epochs=-1, accelerator="cpu", logger=False, callbacks=[evaluation, early, best],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+    assert evaluation.return_mean >= 30.0 and module.env_steps < 50_000, "EarlyStopping stopped it at the threshold"
+    assert float(best.best_model_score) == evaluation.return_mean
+    assert torch.load(best.best_model_path, weights_only=True)["pg_lightning"]["iterations"] == module.iterations
