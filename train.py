@@ -12,6 +12,8 @@ Outputs (metrics.csv, summary.json, W&B offline files) go to Hydra's run dir (``
 
 import gc
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,6 +62,7 @@ def main(cfg: DictConfig) -> float | None:
         raise stop
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        _remove_if_nothing_ran(run_dir)
         sys.exit(2)
     except (EnvStepError, NonFiniteUpdatesError) as error:
         # The run stopped cleanly: last.ckpt and summary.json (with the full traceback) are in the run dir.
@@ -73,6 +76,12 @@ def main(cfg: DictConfig) -> float | None:
         f"solved={summary['solved']} wall_s={summary['wall_s']}"
     )
     return summary["eval_return_mean"]  # the objective of an Optuna sweep (hydra/sweeper=lr_batch_search)
+
+
+def _remove_if_nothing_ran(run_dir: str) -> None:
+    """A refused config leaves no run dir behind: Hydra made it (with its .hydra/) before the config was checked."""
+    if rank_zero_only.rank == 0 and set(os.listdir(run_dir)) <= {".hydra"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _status(run_dir: str) -> str | None:

@@ -180,6 +180,19 @@ class RunSummary(Callback):
 
     def _write(self, trainer: Trainer, module: PolicyGradientModule, status: str, error: str | None = None) -> None:
         # Every rank keeps the summary (train() returns it); only rank 0 writes the file.
+        try:
+            summary = self._summary(trainer, module, status)
+        except Exception as failure:  # noqa: BLE001 - a run's summary is written even when a figure cannot be made
+            summary = {"status": status, "env_id": module.env.id, "env_steps": module.env_steps,
+                       "iterations": module.iterations, "summary_error": f"{type(failure).__name__}: {failure}"}
+        if error is not None:
+            summary["error"] = error.strip().splitlines()[-1]
+            summary["traceback"] = error
+        self.summary = summary
+        if trainer.is_global_zero:
+            write_json_atomic(self.path, summary)
+
+    def _summary(self, trainer: Trainer, module: PolicyGradientModule, status: str) -> dict[str, Any]:
         wall_s = time.perf_counter() - self._start if self._start is not None else math.nan
         evaluation = self.evaluation
         summary = {
@@ -201,12 +214,7 @@ class RunSummary(Callback):
             "metrics_csv": self.metrics_csv,
             "checkpoint": str(self.checkpoint) if self.checkpoint is not None and self.checkpoint.exists() else None,
         }
-        if error is not None:
-            summary["error"] = error.strip().splitlines()[-1]
-            summary["traceback"] = error
-        self.summary = summary
-        if trainer.is_global_zero:
-            write_json_atomic(self.path, summary)
+        return summary
 
 
 class CrashSafeCheckpoint(Callback):

@@ -54,6 +54,7 @@ def test_an_unregistered_id_points_to_env_imports_and_a_bad_module_is_one_line(o
     unknown = train_py(own_package, "env.id=Corridor-v0", f"hydra.run.dir={own_package / 'a'}")
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
     assert "env.imports=[mypkg.envs]" in unknown.stderr.strip().splitlines()[-1]
+    assert not (own_package / "a").exists(), "a refused config leaves no run dir behind"
     missing = train_py(own_package, "env.id=Corridor-v0", "env.imports=[mypkg.nothere]", f"hydra.run.dir={own_package / 'b'}")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip() == ("error: env.imports: cannot import 'mypkg.nothere' "

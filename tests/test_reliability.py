@@ -216,3 +216,22 @@ def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path, of
     assert resumed["env_steps"] == whole["env_steps"]
     uninterrupted = training_rows(tmp_path / "whole" / "metrics.csv")
     assert training_rows(tmp_path / "part" / "metrics.csv") + training_rows(tmp_path / "resumed" / "metrics.csv") == uninterrupted
+
+
+def test_the_crash_handler_writes_a_summary_even_when_a_figure_cannot_be_computed(tmp_path):
+    """A reward threshold that is not a number (set past validation, from Python) breaks the evaluation's
+    comparison; the run fails, and summary.json is still written with the error."""
+    import lightning as L
+
+    from pg_lightning import Evaluation, PolicyGradientModule, RunSummary, VectorEnvFactory
+
+    module = PolicyGradientModule(VectorEnvFactory("CartPole-v1", num_envs=2), steps_per_env=32, max_iterations=3)
+    module.env.reward_threshold = "abc"
+    evaluation = Evaluation(every_n_iterations=1, num_episodes=2)
+    summary = RunSummary(tmp_path / "summary.json", evaluation)
+    trainer = L.Trainer(max_epochs=-1, accelerator="cpu", logger=False, callbacks=[evaluation, summary],
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(TypeError):
+        trainer.fit(module)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["status"] == "failed" and "TypeError" in written["error"] and "summary_error" in written
