@@ -22,11 +22,13 @@ from pg_lightning.value import ValueFunction
 
 if TYPE_CHECKING:
     from pg_lightning.callbacks import Evaluation, RunSummary
+    from pg_lightning.console import EnvStepProgressBar
     from pg_lightning.module import PolicyGradientModule
     from pg_lightning.natural_gradient import NaturalGradient
 
 # Name -> the module that defines it, for the names that import Lightning.
 _NEEDS_LIGHTNING = {
+    "EnvStepProgressBar": "pg_lightning.console",
     "Evaluation": "pg_lightning.callbacks",
     "NaturalGradient": "pg_lightning.natural_gradient",
     "PolicyGradientModule": "pg_lightning.module",
@@ -35,6 +37,7 @@ _NEEDS_LIGHTNING = {
 
 __all__ = [
     "CategoricalMLP",
+    "EnvStepProgressBar",
     "Estimator",
     "Evaluation",
     "GaussianMLP",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from typing import IO
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
@@ -39,16 +40,24 @@ def quiet_libraries() -> None:
 
 
 class EnvStepProgressBar(ProgressBar):
-    """One bar over the run's env-step budget, with the training return and the last evaluation's return.
+    """One bar over the run's budget, with env steps/s, the ETA, the training return and the last evaluation's.
 
     Lightning's bars count batches of an epoch; here an epoch is one batch and the budget is in env steps,
-    so they would show ``Epoch 9/-2``. Rank 0 draws it.
+    so they would show ``Epoch 9/-2``. The bar counts env steps out of ``total_env_steps``, or iterations out
+    of ``max_iterations`` when there is no env-step budget. Rank 0 draws it, and only on a terminal: written to
+    a file or a pipe (a cluster's log) it stays quiet. ``Trainer(callbacks=[EnvStepProgressBar()])`` in plain
+    Python.
+
+    Args:
+        file: where to draw (default: stderr).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, file: IO[str] | None = None) -> None:
         super().__init__()
         self._enabled = True
+        self.file = file
         self.bar: tqdm | None = None
+        self._count_iterations = False
 
     def enable(self) -> None:
         self._enabled = True
@@ -57,15 +66,21 @@ class EnvStepProgressBar(ProgressBar):
         self._enabled = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._enabled and trainer.is_global_zero:
-            self.bar = tqdm(
-                total=getattr(pl_module, "total_env_steps", None),
-                initial=getattr(pl_module, "env_steps", 0),
-                desc=str(getattr(getattr(pl_module, "env", None), "id", "training")),
-                unit=" steps",
-                unit_scale=True,
-                dynamic_ncols=True,
-            )
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        total_env_steps = getattr(pl_module, "total_env_steps", None)
+        max_iterations = getattr(pl_module, "max_iterations", None)
+        self._count_iterations = total_env_steps is None and max_iterations is not None
+        self.bar = tqdm(
+            total=max_iterations if self._count_iterations else total_env_steps,
+            initial=self._position(pl_module),
+            desc=str(getattr(getattr(pl_module, "env", None), "id", "training")),
+            unit=" it" if self._count_iterations else " steps",
+            unit_scale=not self._count_iterations,
+            dynamic_ncols=True,
+            file=self.file,
+            disable=None,  # tqdm's "only on a terminal"
+        )
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.bar is None:
@@ -75,13 +90,16 @@ class EnvStepProgressBar(ProgressBar):
         if evaluation is not None:
             postfix["eval"] = _fmt(evaluation.return_mean)
         self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(pl_module.env_steps - self.bar.n)  # redraws at most every 0.1 s, with the postfix
+        self.bar.update(self._position(pl_module) - self.bar.n)  # redraws at most every 0.1 s, with the postfix
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._close()
+
+    def _position(self, pl_module: LightningModule) -> int:
+        return getattr(pl_module, "iterations" if self._count_iterations else "env_steps", 0)
 
     def print(self, *args, **kwargs) -> None:
         (self.bar.write if self.bar is not None else print)(" ".join(map(str, args)))
