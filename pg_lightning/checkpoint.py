@@ -34,14 +34,14 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint that cannot be loaded without running code it contains (or is not a checkpoint)."""
 
 
-def check_checkpoint(path: str | Path) -> None:
-    """Refuse, in one line, a file that ``torch.load(weights_only=True)`` will not load.
+def check_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded weights-only; a file that this refuses is refused in one line.
 
     The weights-only unpickler stops at the first object it does not allow, before creating it, so a
     hostile file runs nothing here. Loading twice (here and in Lightning) costs milliseconds for our files.
     """
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message is a page of advice; the line that matters names the refused callable.
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pg_lightning.checkpoint import UnsafeCheckpointError, check_checkpoint
 from pg_lightning.evaluation import evaluate, record_episode
@@ -49,11 +48,10 @@ def load_module(path: str | Path) -> PolicyGradientModule:
             "has one; for a module built in Python, build it again and load_state_dict the checkpoint's state_dict)"
         )
     try:
-        check_checkpoint(checkpoint)
+        state = check_checkpoint(checkpoint)["state_dict"]  # loaded once, weights only
     except UnsafeCheckpointError as error:
         raise ValueError(str(error)) from None
     module = make_module(OmegaConf.load(config))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     return module.eval()
 
