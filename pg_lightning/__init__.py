@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.envs import VectorEnvFactory
 from pg_lightning.estimators import Estimator, ValueFunctionConfig
-from pg_lightning.evaluation import evaluate
+from pg_lightning.evaluation import evaluate_policy, record_episode
 from pg_lightning.gradient import estimate_gradient, policy_loss
 from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import CategoricalMLP, GaussianMLP, mlp_policy
@@ -53,9 +53,10 @@ __all__ = [
     "VectorEnvFactory",
     "collect",
     "estimate_gradient",
-    "evaluate",
+    "evaluate_policy",
     "mlp_policy",
     "policy_loss",
+    "record_episode",
 ]
 
 

@@ -1,8 +1,9 @@
-"""Deterministic evaluation: run the policy's mode for whole episodes on separate envs."""
+"""Deterministic evaluation: run the policy's mode for whole episodes on separate envs; render one as a video."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -14,7 +15,7 @@ from pg_lightning.envs import VectorEnvFactory, to_env_action
 
 
 @torch.no_grad()
-def evaluate(policy: nn.Module, envs: VectorEnv, seed: int | None = None, max_steps: int = 100_000) -> np.ndarray:
+def evaluate_policy(policy: nn.Module, envs: VectorEnv, seed: int | None = None, max_steps: int = 100_000) -> np.ndarray:
     """Returns of one deterministic episode per env of ``envs`` (``[num_envs]``, undiscounted).
 
     The action is the mode of π(·|s) (argmax for a categorical, the mean for a Gaussian). Every env is
@@ -39,8 +40,8 @@ def evaluate(policy: nn.Module, envs: VectorEnv, seed: int | None = None, max_st
 def record_episode(
     policy: nn.Module, env: VectorEnvFactory, seed: int | None = None, max_frames: int = 1000, downscale: int = 2
 ) -> tuple[np.ndarray, int]:
-    """Frames of one deterministic episode, ``[T, 3, H / downscale, W / downscale]`` uint8 (W&B's video layout),
-    and the env's frame rate.
+    """Frames of one deterministic episode, ``[T, H / downscale, W / downscale, 3]`` uint8 RGB (the layout
+    video writers such as moviepy and imageio take), and the env's frame rate.
 
     The env is made alone with ``render_mode="rgb_array"`` (its rendering dependencies must be installed);
     the policy sees the same observation entries as in training. At most ``max_frames`` frames.
@@ -62,4 +63,18 @@ def record_episode(
     finally:
         single.close()
     fps = int(single.metadata.get("render_fps") or 30)
-    return np.stack(frames)[:, ::downscale, ::downscale].transpose(0, 3, 1, 2).copy(), fps
+    return np.ascontiguousarray(np.stack(frames)[:, ::downscale, ::downscale]), fps
+
+
+def write_video(frames: np.ndarray, fps: int, out: str | Path) -> None:
+    """Write ``[T, H, W, 3]`` uint8 frames (``record_episode``'s layout) as an H.264 mp4 (moviepy, the ``video`` extra).
+
+    Raises:
+        ValueError: one line, if moviepy is not installed.
+    """
+    try:
+        from moviepy import ImageSequenceClip
+    except ImportError:
+        raise ValueError('writing a video needs the rendering extra: pip install -e ".[video]"') from None
+    clip = ImageSequenceClip(list(frames), fps=fps)
+    clip.write_videofile(str(out), codec="libx264", audio=False, logger=None)

@@ -1,4 +1,4 @@
-"""Load, evaluate and render a trained policy: PolicyGradientModule.from_run and python -m pg_lightning.evaluate_run."""
+"""Load, evaluate and render a trained policy: PolicyGradientModule.from_run and python -m pg_lightning.evaluate."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from test_train import REPO
 
 from pg_lightning import PolicyGradientModule
-from pg_lightning import evaluate_run as evaluate_cli
+from pg_lightning import evaluate as evaluate_cli
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,16 @@ def test_lightnings_model_checkpoint_and_early_stopping_see_the_evaluation(tmp_p
     assert evaluation.return_mean >= 30.0 and module.env_steps < 50_000, "EarlyStopping stopped it at the threshold"
     assert float(best.best_model_score) == evaluation.return_mean
     assert torch.load(best.best_model_path, weights_only=True)["pg_lightning"]["iterations"] == module.iterations
+    # trainer.validate scores a checkpoint with the module's validation loop, which fit left off (the
+    # Evaluation callback evaluated) and gave back afterwards.
+    assert trainer.limit_val_batches == 1.0
+    (scores,) = trainer.validate(module, ckpt_path=best.best_model_path, verbose=False)
+    from pg_lightning import evaluate_policy
+
+    best_module = PolicyGradientModule(VectorEnvFactory("CartPole-v1", num_envs=4))
+    best_module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
+    envs = best_module.env.make(num_envs=module.eval_episodes)
+    expected = evaluate_policy(best_module.policy, envs, seed=module.seed + 10_000)
+    envs.close()
+    assert scores["eval/return_mean"] == pytest.approx(expected.mean())
+    assert scores["eval/return_std"] == pytest.approx(expected.std())

@@ -1,7 +1,7 @@
-"""Load a trained policy and run it: ``python -m pg_lightning.evaluate_run <run dir | checkpoint> [options]``.
+"""Load a trained policy and run it: ``python -m pg_lightning.evaluate <run dir | checkpoint> [options]``.
 
-    python -m pg_lightning.evaluate_run outputs/2026-11-28/10-00-00                      # 20 deterministic episodes
-    python -m pg_lightning.evaluate_run outputs/.../last.ckpt --episodes 100 --video cartpole.mp4
+    python -m pg_lightning.evaluate outputs/2026-11-28/10-00-00                      # 20 deterministic episodes
+    python -m pg_lightning.evaluate outputs/.../last.ckpt --episodes 100 --video cartpole.mp4
 
 ``load_module`` rebuilds the module that a ``train.py`` run trained: the env, policy and estimator from the
 run's saved Hydra config (``<run dir>/.hydra/config.yaml``), then the weights of its checkpoint, loaded
@@ -10,8 +10,7 @@ builds the same network. ``PolicyGradientModule.from_run`` is the same call.
 
 The command prints the mean and spread of the deterministic return (the mode of π, as the training's
 evaluation) and, with ``--video``, writes one rendered episode as an mp4 (the ``video`` extra: moviepy),
-whatever logger the run used. (The module is ``evaluate_run``, not ``evaluate``: ``pg_lightning.evaluate`` is
-the evaluation function, and a submodule of that name would replace it.)
+whatever logger the run used.
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from pg_lightning.checkpoint import UnsafeCheckpointError, check_checkpoint
-from pg_lightning.evaluation import evaluate, record_episode
+from pg_lightning.evaluation import evaluate_policy, record_episode, write_video
 from pg_lightning.module import PolicyGradientModule
 
 
@@ -56,18 +53,8 @@ def load_module(path: str | Path) -> PolicyGradientModule:
     return module.eval()
 
 
-def write_video(frames: np.ndarray, fps: int, out: str | Path) -> None:
-    """Write ``[T, 3, H, W]`` uint8 frames (``record_episode``'s layout) as an mp4 with moviepy."""
-    try:
-        from moviepy import ImageSequenceClip
-    except ImportError:
-        raise ValueError('--video needs the rendering extra to encode videos: pip install -e ".[video]"') from None
-    clip = ImageSequenceClip(list(frames.transpose(0, 2, 3, 1)), fps=fps)
-    clip.write_videofile(str(out), codec="libx264", audio=False, logger=None)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pg_lightning.evaluate_run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pg_lightning.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, help="a train.py run dir (its last.ckpt is used) or a checkpoint in one")
     parser.add_argument("--episodes", type=int, default=20, help="deterministic episodes, one per env (default 20)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the envs' resets (default: the run's eval seed)")
@@ -81,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.seed if args.seed is not None else module.seed + 10_000  # the training's evaluation seed
         envs = module.env.make(num_envs=args.episodes)
         try:
-            returns = evaluate(module.policy, envs, seed=seed)
+            returns = evaluate_policy(module.policy, envs, seed=seed)
         finally:
             envs.close()
         print(f"{module.env.id}: deterministic return {returns.mean():.1f} ± {returns.std():.1f} over {len(returns)} "
