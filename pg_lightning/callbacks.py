@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from pg_lightning.evaluation import evaluate, record_episode
+from pg_lightning.evaluation import evaluate_policy, record_episode, write_video
 from pg_lightning.module import PolicyGradientModule
 from pg_lightning.validation import positive_int, require
 
@@ -35,8 +35,9 @@ class Evaluation(Callback):
         num_episodes: episodes per evaluation, one per eval env.
         stop_on_solve: stop training when the eval mean reaches the reward threshold.
         seed: seed of the eval envs' first reset (later evaluations continue their RNG streams).
-        video: at the end of training, render one deterministic episode and log it to W&B as ``eval/video``
-            (needs the ``video`` extra; a rendering failure is reported as a warning, the run is kept).
+        video: an mp4 path: at the end of training, render one deterministic episode, write it there and,
+            with a W&B logger, log it as ``eval/video`` (needs the ``video`` extra; a rendering failure is
+            reported as a warning, the run is kept). ``None``: no video.
     """
 
     def __init__(
@@ -45,7 +46,7 @@ class Evaluation(Callback):
         num_episodes: int = 20,
         stop_on_solve: bool = True,
         seed: int = 10_000,
-        video: bool = False,
+        video: str | Path | None = None,
     ):
         require("eval.every_n_iterations", every_n_iterations, positive_int, "a positive integer")
         require("eval.num_episodes", num_episodes, positive_int, "a positive integer")
@@ -53,7 +54,7 @@ class Evaluation(Callback):
         self.num_episodes = num_episodes
         self.stop_on_solve = stop_on_solve
         self.seed = seed
-        self.video = video
+        self.video = None if video is None else Path(video)
         self.envs = None
         self.return_mean = math.nan
         self.evaluated_at_iteration = 0
@@ -85,24 +86,26 @@ class Evaluation(Callback):
         module = _pg_module(pl_module)
         if self.evaluated_at_iteration != module.iterations:
             self._evaluate(trainer, module)
-        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if self.video and wandb_loggers and trainer.is_global_zero:
-            self._log_video(trainer, module, wandb_loggers)
+        if self.video is not None and trainer.is_global_zero:
+            self._write_video(trainer, module)
 
-    def _log_video(self, trainer: Trainer, module: PolicyGradientModule, loggers: list[WandbLogger]) -> None:
-        import wandb
-
+    def _write_video(self, trainer: Trainer, module: PolicyGradientModule) -> None:
         try:
             frames, fps = record_episode(module.policy, module.env, seed=self.seed)
-            video = wandb.Video(frames, fps=fps, format="mp4")
+            write_video(frames, fps, self.video)
         except Exception as error:  # noqa: BLE001 - a finished run is kept even if rendering fails
             rank_zero_warn(f"eval video skipped: {type(error).__name__}: {error}")
             return
-        for logger in loggers:
-            logger.log_metrics({"eval/video": video, "rollout/env_steps": float(module.env_steps)}, step=trainer.global_step)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb  # only when a W&B logger is in use
+
+                video = wandb.Video(str(self.video), format="mp4")
+                logger.log_metrics({"eval/video": video, "rollout/env_steps": float(module.env_steps)},
+                                   step=trainer.global_step)
 
     def _evaluate(self, trainer: Trainer, module: PolicyGradientModule) -> None:
-        returns = evaluate(module.policy, self.envs, seed=self._next_seed)
+        returns = evaluate_policy(module.policy, self.envs, seed=self._next_seed)
         self._next_seed = None
         self.return_mean = float(returns.mean())
         self.evaluated_at_iteration = module.iterations

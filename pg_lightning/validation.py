@@ -124,9 +124,9 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.gradient_clip_val={clip} is not supported: PolicyGradientModule steps its optimizers itself "
             "(manual optimization), where Lightning does not clip; leave it unset"
         )
-    if OmegaConf.select(cfg, "logger.video", default=False) and importlib.util.find_spec("moviepy") is None:
+    if cfg.get("video", False) and importlib.util.find_spec("moviepy") is None:
         raise ConfigError(
-            "logger.video=true needs the rendering extra to encode videos (moviepy is not installed): "
+            "video=true needs the rendering extra to encode videos (moviepy is not installed): "
             'pip install -e ".[video]"'
         )
     _check_accelerator(OmegaConf.select(cfg, "trainer.accelerator", default=None))

@@ -145,10 +145,11 @@ def test_launcher_and_sweeper_configs_compose(override, target):
 
 
 @pytest.mark.slow
-def test_logger_video_logs_an_eval_episode_video_to_the_offline_wandb_run(tmp_path, monkeypatch):
+def test_video_writes_an_eval_episode_to_the_run_dir_and_the_offline_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
-    summary = train(compose_with("logger.video=true", *TINY), tmp_path / "run")
+    summary = train(compose_with("video=true", *TINY), tmp_path / "run")
+    assert (tmp_path / "run" / "video.mp4").stat().st_size > 1000
     videos = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/videos/eval/*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 1000
     (run_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
@@ -161,12 +162,19 @@ def test_logger_video_logs_an_eval_episode_video_to_the_offline_wandb_run(tmp_pa
     assert float(video["rollout/env_steps"]) == summary["env_steps"]
 
 
-def test_logger_video_without_the_rendering_extra_is_refused_in_one_line(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_video_needs_no_wandb(tmp_path):
+    train(compose_with("video=true", "logger=csv", *TINY), tmp_path / "run")
+    assert (tmp_path / "run" / "video.mp4").stat().st_size > 1000
+    assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_video_without_the_rendering_extra_is_refused_in_one_line(tmp_path, monkeypatch):
     import importlib.util
 
     from pg_lightning.validation import ConfigError
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "moviepy" else real_find_spec(name, *a))
-    with pytest.raises(ConfigError, match=r'^logger.video=true needs the rendering extra .*pip install -e "\.\[video\]"$'):
-        train(compose_with("logger.video=true", *TINY), tmp_path)
+    with pytest.raises(ConfigError, match=r'^video=true needs the rendering extra .*pip install -e "\.\[video\]"$'):
+        train(compose_with("video=true", *TINY), tmp_path)
