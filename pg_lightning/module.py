@@ -36,6 +36,7 @@ from pg_lightning.diagnostics import gradient_statistics, sub_batch_gradients
 from pg_lightning.envs import VectorEnvFactory, check_action_space
 from pg_lightning.distributed import LOCAL, reduction_for
 from pg_lightning.estimators import Estimator
+from pg_lightning.evaluation import evaluate_policy
 from pg_lightning.functional import masked_mean
 from pg_lightning.gradient import policy_loss
 from pg_lightning.natural_gradient import NaturalGradient
@@ -81,6 +82,8 @@ class PolicyGradientModule(LightningModule):
         torch_threads: torch's intra-op CPU threads in each training process, set when the trainer sets the
             module up (``threads.py``: one per process keeps runs that share a machine at full speed);
             ``None`` leaves the process's setting alone.
+        eval_episodes: deterministic episodes of ``trainer.validate`` (the validation loop), one per eval env,
+            reset with seed ``seed + 10_000`` as the ``Evaluation`` callback's during training.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class PolicyGradientModule(LightningModule):
         max_iterations: int | None = None,
         whole_episodes: bool | None = None,
         torch_threads: int | None = DEFAULT_TORCH_THREADS,
+        eval_episodes: int = 20,
     ):
         super().__init__()
         if torch_threads is not None:
@@ -130,6 +134,8 @@ class PolicyGradientModule(LightningModule):
         self.steps_per_env = steps_per_env
         self.total_env_steps = total_env_steps
         self.seed = seed
+        require("eval.num_episodes", eval_episodes, positive_int, "a positive integer")
+        self.eval_episodes = eval_episodes
         if grad_variance_groups is not None:
             require("diagnostics.groups", grad_variance_groups, lambda v: positive_int(v) and v >= 2, "at least 2")
         self.grad_variance_groups = grad_variance_groups
@@ -153,9 +159,9 @@ class PolicyGradientModule(LightningModule):
         """The module a ``train.py`` run trained, rebuilt from its run dir (or a checkpoint in it), in eval mode.
 
         The env, policy and estimator come from the run's saved config, the weights from its checkpoint
-        (loaded weights-only): ``pg_lightning.evaluate_run.load_module``.
+        (loaded weights-only): ``pg_lightning.evaluate.load_module``.
         """
-        from pg_lightning.evaluate_run import load_module
+        from pg_lightning.evaluate import load_module
 
         return load_module(path)
 
@@ -203,6 +209,14 @@ class PolicyGradientModule(LightningModule):
             )
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None and self.trainer.limit_val_batches != 0:
+            # During training the Evaluation callback evaluates, on its own schedule (iterations, not
+            # Lightning epochs); the validation loop is for trainer.validate. teardown() gives it back.
+            self._limit_val_batches = self.trainer.limit_val_batches
+            self.trainer.limit_val_batches = 0
+        if stage == "validate":
+            set_torch_threads(self.torch_threads)
+            return
         # Envs are created here, not in __init__, so the module stays picklable (ddp_spawn) and the
         # rank is known (docs/architecture.md, traps 2 and 5).
         if self.collector is None:
@@ -222,6 +236,8 @@ class PolicyGradientModule(LightningModule):
             torch.manual_seed(self.seed + 1_000_003 * rank)
 
     def teardown(self, stage: str) -> None:
+        if stage == "fit" and getattr(self, "_limit_val_batches", None) is not None:
+            self.trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
         if self.collector is not None:
             self.collector.close()
             self.collector = None
@@ -233,6 +249,21 @@ class PolicyGradientModule(LightningModule):
         """One on-policy batch from this rank's envs, with the current weights."""
         assert self.collector is not None, "setup() creates the collector"
         return self.collector.collect(self.policy)
+
+    def val_dataloader(self) -> DataLoader:
+        """One item, the eval envs' seed: ``trainer.validate`` runs one deterministic evaluation."""
+        return DataLoader([self.seed + 10_000], batch_size=None)
+
+    def validation_step(self, seed: int, batch_idx: int) -> None:
+        """Returns of ``eval_episodes`` deterministic episodes (the mode of π), logged as ``eval/return_mean``
+        and ``eval/return_std``: ``trainer.validate(module, ckpt_path=...)`` scores a checkpoint."""
+        envs = self.env.make(num_envs=self.eval_episodes)
+        try:
+            returns = evaluate_policy(self.policy, envs, seed=int(seed))
+        finally:
+            envs.close()
+        self.log_dict({"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())},
+                      batch_size=len(returns))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         optimizers = [self.optimizer_factory(self.policy.parameters())]
