@@ -161,18 +161,29 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_the_resumed_run_reaches_the_bu
     assert checkpoint["pg_lightning"]["env_steps"] == summary["env_steps"] > 0
     assert not list(first_dir.glob(".*.tmp")), "no temp file left behind"
 
+    # The printed command, with a budget three batches away, continues the run in its run dir.
     budget = summary["env_steps"] + 3 * 256 * 16
-    second_dir = tmp_path / "second"
+    command = stderr.strip().splitlines()[-1].removeprefix("resume: ").replace("total_env_steps=100000000", f"total_env_steps={budget}")
     resumed = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *common, f"total_env_steps={budget}",
-         f"ckpt_path={first_dir / 'last.ckpt'}", f"hydra.run.dir={second_dir}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(REPO / "train.py"), *command.split()[2:]], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    final = json.loads((second_dir / "summary.json").read_text())
+    assert f"run dir: {first_dir}" in resumed.stdout
+    final = json.loads((first_dir / "summary.json").read_text())
     assert final["status"] == "finished" and final["env_steps"] >= budget
     # Counters continue from the checkpoint: 3 batches of 256 x 16 steps, or 4 as reset steps are no env steps.
     assert final["iterations"] - summary["iterations"] in (3, 4)
+    # One curve in one run dir: every iteration once, in order, and the plot tool sees one run.
+    rows = [row for row in read_metrics(metrics) if row.get("loss/policy")]
+    assert [float(row["rollout/env_steps"]) for row in rows] == sorted({float(row["rollout/env_steps"]) for row in rows})
+    assert len(rows) == final["iterations"]
+    from pg_lightning.plot import find_runs
+
+    assert find_runs([tmp_path]) == [first_dir]
+    # The config that built the weights stays .hydra/config.yaml; the resumed run's is beside it.
+    assert "ckpt_path: null" in (first_dir / ".hydra" / "config.yaml").read_text()
+    assert "ckpt_path:" in (first_dir / ".hydra" / "resumed" / "config.yaml").read_text()
 
 
 @pytest.mark.slow
@@ -210,12 +221,15 @@ def test_a_resumed_run_continues_exactly_like_the_uninterrupted_one(tmp_path, of
               f"off_policy={off_policy}", "eval.num_episodes=2", "eval.every_n_iterations=1"]
     whole = train(compose_with(*common, "total_env_steps=1500"), tmp_path / "whole")
     part = train(compose_with(*common, "total_env_steps=700"), tmp_path / "part")
+    part_rows = training_rows(tmp_path / "part" / "metrics.csv")
+    # Resumed in its own run dir (as train.py does by default), its metrics.csv goes on.
     resumed = train(compose_with(*common, "total_env_steps=1500", f"ckpt_path={tmp_path / 'part' / 'last.ckpt'}"),
-                    tmp_path / "resumed")
+                    tmp_path / "part")
     assert part["iterations"] < resumed["iterations"] == whole["iterations"] >= 6
     assert resumed["env_steps"] == whole["env_steps"]
     uninterrupted = training_rows(tmp_path / "whole" / "metrics.csv")
-    assert training_rows(tmp_path / "part" / "metrics.csv") + training_rows(tmp_path / "resumed" / "metrics.csv") == uninterrupted
+    assert part_rows == uninterrupted[: len(part_rows)]
+    assert training_rows(tmp_path / "part" / "metrics.csv") == uninterrupted
 
 
 def test_the_crash_handler_writes_a_summary_even_when_a_figure_cannot_be_computed(tmp_path):
@@ -235,3 +249,28 @@ def test_the_crash_handler_writes_a_summary_even_when_a_figure_cannot_be_compute
         trainer.fit(module)
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["status"] == "failed" and "TypeError" in written["error"] and "summary_error" in written
+
+
+def test_a_resumed_metrics_csv_keeps_the_rows_up_to_the_checkpoint_and_appends(tmp_path):
+    """A run killed between two saves logged rows after its last checkpoint: the resumed run replaces them."""
+    from pg_lightning.run_dir import RunDirCSVLogger
+
+    (tmp_path / "metrics.csv").write_text("loss/policy,step\n" + "".join(f"{s / 10},{s}\n" for s in range(1, 6)))
+    logger = RunDirCSVLogger(tmp_path, resume_step=3)
+    logger.log_metrics({"loss/policy": 0.4, "eval/return_mean": 9.0}, step=4)
+    logger.save()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [row["step"] for row in rows] == ["1", "2", "3", "4"]
+    assert rows[-1]["eval/return_mean"] == "9.0" and rows[0]["loss/policy"] == "0.1"
+
+
+def test_a_new_run_in_a_dir_with_metrics_keeps_the_old_file_aside(tmp_path):
+    from pg_lightning.run_dir import RunDirCSVLogger
+
+    (tmp_path / "metrics.csv").write_text("loss/policy,step\n0.5,1\n")
+    logger = RunDirCSVLogger(tmp_path)
+    with pytest.warns(UserWarning, match="moved to metrics.previous.csv"):
+        logger.log_metrics({"loss/policy": 0.7}, step=1)
+    logger.save()
+    assert (tmp_path / "metrics.previous.csv").read_text() == "loss/policy,step\n0.5,1\n"
+    assert [row["loss/policy"] for row in read_metrics(tmp_path / "metrics.csv")] == ["0.7"]
