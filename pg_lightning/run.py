@@ -6,6 +6,7 @@ with a config from ``hydra.compose``.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +17,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pg_lightning.callbacks import CrashSafeCheckpoint, Evaluation, RunSummary
+from pg_lightning.checkpoint import check_checkpoint
 from pg_lightning.console import EnvStepProgressBar, quiet_libraries
 from pg_lightning.module import PolicyGradientModule
 from pg_lightning.natural_gradient import NaturalGradient, check_trainer
+from pg_lightning.run_dir import RunDirCSVLogger, register_resolvers
 from pg_lightning.threads import DEFAULT_TORCH_THREADS
 from pg_lightning.validation import ConfigError, validate_config
+
+register_resolvers()  # conf/config.yaml's hydra.run.dir uses them: a resumed run continues in its run dir
 
 # W&B plots every namespace against env steps, not Lightning's global step.
 WANDB_NAMESPACES = ("rollout", "eval", "loss", "diag", "perf")
@@ -56,8 +62,8 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
         if optimizer_callbacks(module) and cfg.trainer.get("gradient_clip_val"):
             check_trainer(cfg.trainer)
         tags = [module.env.id, module.estimator.name, f"off_policy={module.off_policy.kind}"]
-        loggers = make_loggers(cfg.logger, run_dir, tags, quiet=quiet)
-        video = bool(cfg.logger.get("video", False)) if cfg.logger else False
+        loggers = make_loggers(cfg.logger, run_dir, tags, quiet=quiet, resume_step=resume_step(cfg.get("ckpt_path")))
+        video = run_dir / "video.mp4" if cfg.get("video") else None
         evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000, video=video)
         checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
     except Exception as error:  # noqa: BLE001 - turned into one line for the user, see _root_message
@@ -70,15 +76,41 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
     # Order matters at the end of a run: final evaluation, then the checkpoint, then the summary; the
     # progress bar after the evaluation, so that it shows the latest evaluation's return.
     callbacks = [*optimizer_callbacks(module), evaluation, checkpoint, summary]
+    if cfg.checkpoint.get("best", False):
+        callbacks.insert(callbacks.index(evaluation) + 1, best_checkpoint(run_dir, cfg.eval.every_n_iterations))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(EnvStepProgressBar())
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir))
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir),
+        # Lightning's own checkpointing only through best.ckpt: without it, Lightning would add a default one.
+        enable_checkpointing=bool(cfg.checkpoint.get("best", False)),
+    )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if isinstance(logger, WandbLogger):
             for namespace in WANDB_NAMESPACES:
                 logger.experiment.define_metric(f"{namespace}/*", step_metric="rollout/env_steps")
     return Run(module=module, trainer=trainer, summary=summary, ckpt_path=cfg.get("ckpt_path"))
+
+
+def resume_step(ckpt_path: str | None) -> int | None:
+    """The global step of the checkpoint a run resumes from (validate_config has already checked the file)."""
+    return None if ckpt_path is None else int(check_checkpoint(str(ckpt_path))["global_step"])
+
+
+def best_checkpoint(run_dir: Path, every_n_iterations: int) -> ModelCheckpoint:
+    """Lightning's ``ModelCheckpoint`` keeping ``<run_dir>/best.ckpt``: the policy of the highest ``eval/return_mean``.
+
+    It checks at the iterations the ``Evaluation`` callback evaluates (listed after it), so that it never
+    looks for the metric before the first evaluation.
+    """
+    # It warns about any file in its directory, and the run dir always holds Hydra's .hydra/ (and last.ckpt):
+    # sharing the run dir is the design, so that warning is left out for this directory only.
+    warnings.filterwarnings("ignore", message=rf"Checkpoint directory {re.escape(str(run_dir))} exists and is not empty")
+    return ModelCheckpoint(
+        dirpath=run_dir, filename="best", monitor="eval/return_mean", mode="max", save_top_k=1,
+        every_n_epochs=every_n_iterations, save_on_train_epoch_end=True, enable_version_counter=False,
+    )
 
 
 def make_module(cfg: DictConfig) -> PolicyGradientModule:
@@ -98,6 +130,7 @@ def make_module(cfg: DictConfig) -> PolicyGradientModule:
         max_iterations=cfg.get("max_iterations"),
         whole_episodes=cfg.get("whole_episodes"),
         torch_threads=cfg.get("torch_threads", DEFAULT_TORCH_THREADS),
+        eval_episodes=cfg.eval.num_episodes,
     )
 
 
@@ -130,17 +163,21 @@ def train(cfg: DictConfig, run_dir: str | Path, announce: bool = False) -> dict[
 
 
 def make_loggers(
-    logger_cfg: DictConfig | None, run_dir: Path, tags: list[str] | None = None, quiet: bool = False
+    logger_cfg: DictConfig | None, run_dir: Path, tags: list[str] | None = None, quiet: bool = False,
+    resume_step: int | None = None,
 ) -> list[Logger]:
     """The ``logger/`` group's logger, plus ``<run_dir>/metrics.csv`` unless the group is ``none``.
 
     A W&B run whose ``group`` is not set is grouped by what launched it (``wandb_grouping``) and tagged with
     ``tags`` (env id, estimator, off-policy kind); ``quiet`` starts it with W&B's ``silent`` setting (no banner,
-    no history footer on the console).
+    no history footer on the console). ``resume_step``: a resumed run's checkpoint step; its metrics.csv
+    continues (``run_dir.RunDirCSVLogger``).
     """
     if not logger_cfg:
         return []
-    logger_cfg = OmegaConf.create({k: v for k, v in logger_cfg.items() if k != "video"})  # Evaluation's, not W&B's
+    metrics_csv = RunDirCSVLogger(run_dir, resume_step=resume_step)
+    if str(logger_cfg.get("_target_", "")).endswith(RunDirCSVLogger.__name__):
+        return [metrics_csv]
     extra = {}
     if str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
         group, name = wandb_grouping()
@@ -155,24 +192,7 @@ def make_loggers(
         # Lightning hands wandb.init anonymous=None, which W&B reports as a deprecated setting on every run
         # (docs/architecture.md, trap 11). Left out, W&B's default is the same.
         logger._wandb_init.pop("anonymous", None)
-    if isinstance(logger, CSVLogger):
-        return [_in_run_dir(logger, run_dir)]
-    return [logger, _in_run_dir(CSVLogger(save_dir=str(run_dir), name="", version=""), run_dir)]
-
-
-def _in_run_dir(logger: CSVLogger, run_dir: Path) -> CSVLogger:
-    """Start the CSV logger's writer now, without its warning that the run dir is not empty.
-
-    Its writer expects a directory of its own and warns about any other file in it; the run dir always
-    holds Hydra's ``.hydra/`` (and W&B's files). What the warning is about, deleting a previous
-    ``metrics.csv``, can only happen in a run dir that has one: then the warning is left to show
-    (docs/architecture.md, trap 14).
-    """
-    if Path(logger.log_dir) == run_dir and not (run_dir / "metrics.csv").exists():
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-            _ = logger.experiment  # creates the writer, which checks the directory
-    return logger
+    return [logger, metrics_csv]
 
 
 def wandb_grouping() -> tuple[str | None, str | None]:
