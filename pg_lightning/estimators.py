@@ -1,15 +1,8 @@
 """Gradient estimators: hyperparameters that turn a rollout batch into per-step weights Ψ_t.
 
-The pseudo-loss (``gradient.policy_loss``) is the same for every estimator; they differ only in Ψ:
-
-    preset             Ψ_t                                                           lecture
-    reinforce          R(τ) = Σ_k γ^k r_k, the whole episode's return                 §2
-    reward_to_go       Q_t = Σ_{t'≥t} γ^{t'-t} r_t'                                   §5.1
-    reinforce_baseline R(τ) - b, b = average return over the other envs' steps       §5.2
-    baseline           Q_t - b,  b = average Q over the other envs' steps              §5.2
-    optimal_baseline   R(τ) - b*_k per parameter k, b*_k = E[g_k² R] / E[g_k²]        §5.2
-    value_baseline     Q̂_t - V_φ(s_t), Q̂ bootstrapped with V_φ where an episode is cut    §5.2 (learned)
-    gae                A_t^{GAE(γ, λ)} with V_φ                                        Schulman et al. 2016
+The pseudo-loss (``gradient.policy_loss``) is the same for every estimator; they differ only in Ψ. The
+presets, their Ψ_t, their lecture sections and the function of ``functional.py`` behind each are the README's
+estimator table (section "Configuration"), the one copy of it.
 
 ``normalize=True`` standardises Ψ: minus the other envs' mean, over the batch's std (any preset).
 
@@ -46,40 +39,20 @@ all-reduces (``distributed.Reduction``); so they need at least two envs over all
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from pg_lightning import functional as F
+from pg_lightning.segments import segment_ids
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.distributed import LOCAL, Reduction
-from pg_lightning.validation import positive_int, positive_number, require, unit_interval
+from pg_lightning.validation import require, unit_interval
+from pg_lightning.value import ValueFunctionConfig
 
 BaselineKind = Literal["none", "average", "optimal", "value"]
 BASELINES = ("none", "average", "optimal", "value")
-
-
-@dataclass(frozen=True)
-class ValueFunctionConfig:
-    """The learned baseline V_φ(s): an MLP fitted by regression on the bootstrapped reward-to-go.
-
-    Args:
-        hidden_sizes: MLP hidden layer sizes.
-        activation: ``tanh``, ``relu`` or ``elu``.
-        lr: Adam learning rate of V_φ (its own optimizer, separate from the policy's).
-        steps: full-batch regression steps per iteration (the course homework's ``baseline_gradient_steps``).
-    """
-
-    hidden_sizes: Sequence[int] = (64, 64)
-    activation: str = "tanh"
-    lr: float = 1e-2
-    steps: int = 25
-
-    def __post_init__(self) -> None:
-        require("estimator.value.lr", self.lr, positive_number, "positive")
-        require("estimator.value.steps", self.steps, positive_int, "a positive integer")
 
 
 @dataclass(frozen=True)
@@ -162,7 +135,7 @@ class Estimator:
         N) those of the whole batch over all ranks.
         """
         done = batch.done
-        segments = F.segment_ids(batch.valid, done)
+        segments = segment_ids(batch.valid, done)
         value_targets = None
         if self.needs_value:
             if values is None:

@@ -1,14 +1,43 @@
-"""The learned state-value baseline V_φ(s) and its regression step."""
+"""The learned state-value baseline V_φ(s) (lecture §5.2, learned): its settings, network, loss and fit.
+
+V_φ is fitted by regression on the bootstrapped reward-to-go Q̂_t of each batch (the estimator's
+``value_targets``), after Ψ was computed with the V_φ of before the batch, so that the baseline does not
+depend on the actions it weights. It has its own Adam optimizer; the policy's optimizer never sees φ.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
-from pg_lightning.estimators import ValueFunctionConfig
 from pg_lightning.policies import mlp
+from pg_lightning.validation import positive_int, positive_number, require
+
+
+@dataclass(frozen=True)
+class ValueFunctionConfig:
+    """The learned baseline V_φ(s): an MLP fitted by regression on the bootstrapped reward-to-go.
+
+    Args:
+        hidden_sizes: MLP hidden layer sizes.
+        activation: ``tanh``, ``relu`` or ``elu``.
+        lr: Adam learning rate of V_φ (its own optimizer, separate from the policy's).
+        steps: full-batch regression steps per iteration (the course homework's ``baseline_gradient_steps``).
+    """
+
+    hidden_sizes: Sequence[int] = (64, 64)
+    activation: str = "tanh"
+    lr: float = 1e-2
+    steps: int = 25
+
+    def __post_init__(self) -> None:
+        require("estimator.value.lr", self.lr, positive_number, "positive")
+        require("estimator.value.steps", self.steps, positive_int, "a positive integer")
 
 
 class ValueFunction(nn.Module):
@@ -26,7 +55,41 @@ class ValueFunction(nn.Module):
         return self.net(obs).squeeze(-1)
 
 
+def value_optimizer(value_fn: nn.Module, config: ValueFunctionConfig) -> torch.optim.Optimizer:
+    """V_φ's own optimizer: Adam with ``config.lr``."""
+    return torch.optim.Adam(value_fn.parameters(), lr=config.lr)
+
+
 def value_loss(value_fn: nn.Module, obs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error ½ (V_φ(s_t) - target_t)² over the masked steps; ``obs [T, B, o]``, the rest ``[T, B]``."""
     error = (value_fn(obs) - targets.detach()) ** 2
     return 0.5 * (error * mask).sum() / mask.sum().clamp(min=1)
+
+
+def fit_value(
+    value_fn: nn.Module,
+    obs: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    values_before: torch.Tensor,
+    steps: int,
+    step: Callable[[torch.Tensor], bool],
+) -> dict[str, torch.Tensor]:
+    """``steps`` full-batch regression steps of V_φ on ``targets``; stops at the first skipped step.
+
+    Args:
+        obs: ``[T, B, o]``, the batch's observations (without the final one).
+        targets: ``[T, B]`` the bootstrapped reward-to-go Q̂_t.
+        mask: ``[T, B]`` the steps to fit.
+        values_before: ``[T, B]`` V_φ(s_t) before the fit, for the explained variance 1 - Var(Q̂ - V) / Var(Q̂).
+        step: takes one optimizer step on a loss; False when it was skipped (``update.GuardedStep``).
+
+    Returns ``loss/value`` (the last step's loss) and ``diag/explained_variance``.
+    """
+    for _ in range(steps):
+        loss = value_loss(value_fn, obs, targets, mask)
+        if not step(loss):
+            break
+    residual = (targets - values_before)[mask]
+    explained = 1.0 - residual.var() / targets[mask].var().clamp(min=1e-8)
+    return {"loss/value": loss.detach(), "diag/explained_variance": explained}
