@@ -13,8 +13,8 @@ from torch import nn
 
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.estimators import Estimator
-from pg_lightning.functional import flatten
-from pg_lightning.gradient import estimate_gradient
+from pg_lightning.linalg import flatten
+from pg_lightning.analysis import estimate_gradient
 
 
 def flat_gradient(

@@ -1,49 +1,20 @@
-"""Pure tensor math of the lecture: returns, reward-to-go, masks and the pseudo-loss.
+"""The lecture's formulas as pure tensor functions, in the lecture's order.
 
-Every function takes time-major tensors ``[T, B]`` (T steps of B environments) and touches no
-parameters, so each can be checked against a plain Python loop (``tests/test_functional.py``).
+Every function takes time-major tensors ``[T, B]`` (T steps of B environments) and touches no parameters, so
+each can be checked against a plain Python loop (``tests/test_functional.py``). Segment ids and masked means
+are in ``segments.py``; flattening and conjugate gradient in ``linalg.py``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
 from pg_lightning.distributed import LOCAL, Reduction
 
 
-def reward_to_go(rew: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Discounted reward-to-go within each episode (lecture §5.1).
-
-        Q_t = Σ_{t' ≥ t, same episode} γ^{t'-t} r_{t'}   i.e.  Q_t = r_t + γ (1 - done_t) Q_{t+1}
-
-    Args:
-        rew: ``[T, B]`` rewards.
-        done: ``[T, B]`` bool, the episode ended at step ``t`` (terminated or truncated).
-        gamma: discount in [0, 1].
-
-    Returns:
-        ``[T, B]``. After the last step nothing is known, so Q of an episode still running at ``T - 1``
-        counts only the rewards inside the batch; callers mask those steps (see ``ends_in_batch``).
-    """
-    out = torch.empty_like(rew)
-    future = torch.zeros_like(rew[0])
-    continues = (~done).to(rew.dtype)
-    for t in range(rew.shape[0] - 1, -1, -1):
-        future = rew[t] + gamma * continues[t] * future
-        out[t] = future
-    return out
-
-
-def ends_in_batch(done: torch.Tensor) -> torch.Tensor:
-    """``[T, B]`` bool: the episode that step ``t`` belongs to ends at some step ``t' ≥ t`` of the batch.
-
-    The first ``done`` at or after ``t`` is the end of step ``t``'s episode, so this is a reversed
-    cumulative OR of ``done`` over time.
-    """
-    return done.flip(0).to(torch.uint8).cummax(0).values.flip(0).bool()
+# --- Returns (lecture §2): R(τ), and which steps have one ---------------------------------------------------
 
 
 def episode_returns(
@@ -87,97 +58,42 @@ def episode_returns(
     return total
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is True (0 when the mask is empty)."""
-    count = mask.sum()
-    return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), values.new_zeros(()))
+def ends_in_batch(done: torch.Tensor) -> torch.Tensor:
+    """``[T, B]`` bool: the episode that step ``t`` belongs to ends at some step ``t' ≥ t`` of the batch.
+
+    The first ``done`` at or after ``t`` is the end of step ``t``'s episode, so this is a reversed
+    cumulative OR of ``done`` over time.
+    """
+    return done.flip(0).to(torch.uint8).cummax(0).values.flip(0).bool()
 
 
-def pseudo_loss(
-    logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_episodes: torch.Tensor | int
-) -> torch.Tensor:
-    """The negated pseudo-objective of lecture §7.2, whose gradient is the policy-gradient estimate.
+# --- Reward-to-go (lecture §5.1) ----------------------------------------------------------------------------
 
-        J~ = (1/N) Σ_i Σ_t log π_θ(a_it|s_it) · Ψ_it        loss = -J~
+
+def reward_to_go(rew: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted reward-to-go within each episode (lecture §5.1).
+
+        Q_t = Σ_{t' ≥ t, same episode} γ^{t'-t} r_{t'}   i.e.  Q_t = r_t + γ (1 - done_t) Q_{t+1}
 
     Args:
-        logp: ``[T, B]`` log π_θ(a_t|s_t), differentiable in θ.
-        weights: ``[T, B]`` Ψ_t, the estimator's weights (treated as constants: detached here).
-        mask: ``[T, B]`` bool, the steps that enter the sum.
-        num_episodes: N, the number of trajectories the sum runs over.
+        rew: ``[T, B]`` rewards.
+        done: ``[T, B]`` bool, the episode ended at step ``t`` (terminated or truncated).
+        gamma: discount in [0, 1].
 
     Returns:
-        A scalar; ``-∇_θ loss`` is the estimate of ∇_θ J(θ).
+        ``[T, B]``. After the last step nothing is known, so Q of an episode still running at ``T - 1``
+        counts only the rewards inside the batch; callers mask those steps (see ``ends_in_batch``).
     """
-    terms = logp * weights.detach() * mask
-    return -terms.sum() / max(float(num_episodes), 1.0)
+    out = torch.empty_like(rew)
+    future = torch.zeros_like(rew[0])
+    continues = (~done).to(rew.dtype)
+    for t in range(rew.shape[0] - 1, -1, -1):
+        future = rew[t] + gamma * continues[t] * future
+        out[t] = future
+    return out
 
 
-def log_ratio(logp: torch.Tensor, logp_behavior: torch.Tensor) -> torch.Tensor:
-    """log ρ_t = log π_θ(a_t|s_t) - log π_b(a_t|s_t): the importance ratio's one definition (lecture §6.2).
-
-    The direction is fixed here and nowhere else: the *current* policy over the *behaviour* policy
-    that collected the step, so that E_{a~π_b}[ρ f(a)] = E_{a~π_θ}[f(a)].
-    """
-    return logp - logp_behavior
-
-
-def trajectory_weights(
-    log_weights: torch.Tensor, truncate: float | None = None, self_normalize: bool = False, reduction: Reduction = LOCAL
-) -> torch.Tensor:
-    """Importance weights w_i = Π_t ρ_it = exp(Σ_t log ρ_it) of whole trajectories, from their log (§6.2).
-
-    Args:
-        log_weights: ``[N]`` Σ_t log ρ_t per trajectory (sums, so no product of many ratios is formed).
-        truncate: if set, w_i ← min(w_i, truncate) (truncated importance sampling, applied in log space).
-        self_normalize: return w_i / Σ_j w_j (weighted importance sampling): the weights sum to 1.
-            The largest log-weight is subtracted before ``exp``, so this never overflows or gives 0/0.
-            Max and Σ are taken over all processes by ``reduction``.
-
-    Returns:
-        ``[N]`` float64 weights (float64 so that products over 500-step episodes stay representable).
-    """
-    log_weights = log_weights.double()
-    if truncate is not None:
-        log_weights = log_weights.clamp(max=math.log(truncate))
-    if self_normalize:
-        local_max = log_weights.max() if log_weights.numel() else log_weights.new_tensor(-torch.inf)
-        shifted = (log_weights - reduction.max(local_max)).exp()
-        return shifted / reduction.sum(shifted.sum())
-    return log_weights.exp()
-
-
-def effective_sample_size(weights: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
-    """Kish's effective sample size as a fraction of the sample: (Σ w)² / (n Σ w²) ∈ (0, 1].
-
-    1 when all weights are equal (on-policy data); 1/n when one sample carries all the weight.
-    n, Σ w and Σ w² are summed over all processes by ``reduction``.
-    """
-    weights = weights.double()
-    n, total, squares = reduction.sum(
-        torch.stack([weights.new_tensor(float(weights.numel())), weights.sum(), (weights**2).sum()])
-    )
-    return total**2 / (n.clamp(min=1) * squares).clamp(min=torch.finfo(torch.float64).tiny)
-
-
-def segment_ids(valid: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-    """``[T, B]`` int64: a distinct id (0 … N-1) per trajectory segment, -1 on invalid steps.
-
-    A segment is the part of one episode inside the batch: it starts at step 0 or after an invalid
-    (reset) step, and ends at a ``done`` step or at the batch end. Ids are ordered env by env.
-    """
-    starts = torch.ones_like(valid)
-    starts[1:] = ~valid[:-1] | done[:-1]
-    starts &= valid
-    # Time-major cumsum of the transposed [B, T] layout numbers segments env by env.
-    ids = torch.cumsum(starts.T.reshape(-1).long(), 0).reshape(starts.T.shape).T - 1
-    return torch.where(valid, ids, torch.full_like(ids, -1))
-
-
-def segment_sum(values: torch.Tensor, ids: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """``[N]``: the sum of ``values [T, B]`` over the steps of each segment (steps with id -1 dropped)."""
-    keep = ids >= 0
-    return values.new_zeros(num_segments).index_add(0, ids[keep], values[keep])
+# --- Baselines (lecture §5.2): the other envs' mean, the optimal per-parameter b*, a learned V_φ (GAE) ------
 
 
 def other_envs_mean(values: torch.Tensor, mask: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
@@ -196,36 +112,6 @@ def other_envs_mean(values: torch.Tensor, mask: torch.Tensor, reduction: Reducti
     total_sum, total_count = reduction.sum(torch.stack([own_sum.sum(), own_count.sum()]))
     others_count = total_count - own_count
     return torch.where(others_count > 0, (total_sum - own_sum) / others_count.clamp(min=1), torch.zeros_like(own_sum))
-
-
-def generalized_advantages(
-    rew: torch.Tensor,
-    values: torch.Tensor,
-    terminated: torch.Tensor,
-    done: torch.Tensor,
-    gamma: float,
-    gae_lambda: float,
-) -> torch.Tensor:
-    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), ``[T, B]``.
-
-        δ_t = r_t + γ (1 - terminated_t) V(s_{t+1}) - V(s_t)
-        A_t = δ_t + γ λ (1 - done_t) A_{t+1},           A_T = 0
-
-    ``values`` is ``[T + 1, B]``, V at ``obs[0..T]``. Under NEXT_STEP autoreset ``obs[t + 1]`` after a
-    final step is the true final observation, so a truncated episode bootstraps V(final obs), a
-    terminated one uses 0, and an episode cut by the batch end bootstraps V(obs[T]).
-    λ = 1 gives A_t = Q̂_t - V(s_t) with the bootstrapped reward-to-go Q̂_t (the value baseline);
-    λ = 0 gives the one-step TD error δ_t.
-    """
-    continues = (~done).to(rew.dtype)
-    alive = (~terminated).to(rew.dtype)
-    deltas = rew + gamma * alive * values[1:] - values[:-1]
-    out = torch.empty_like(rew)
-    future = torch.zeros_like(rew[0])
-    for t in range(rew.shape[0] - 1, -1, -1):
-        future = deltas[t] + gamma * gae_lambda * continues[t] * future
-        out[t] = future
-    return out
 
 
 def standardize(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduction: Reduction = LOCAL) -> torch.Tensor:
@@ -280,40 +166,159 @@ def optimal_baseline(
     return torch.where(others_g2 > 0, others_g2r / others_g2.clamp(min=tiny), torch.zeros_like(g2))
 
 
-def flatten(tensors) -> torch.Tensor:
-    """One vector ``[P]`` from a sequence of tensors (e.g. per-parameter gradients)."""
-    return torch.cat([t.reshape(-1) for t in tensors])
+def generalized_advantages(
+    rew: torch.Tensor,
+    values: torch.Tensor,
+    terminated: torch.Tensor,
+    done: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> torch.Tensor:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), ``[T, B]``.
 
+        δ_t = r_t + γ (1 - terminated_t) V(s_{t+1}) - V(s_t)
+        A_t = δ_t + γ λ (1 - done_t) A_{t+1},           A_T = 0
 
-def unflatten_like(flat: torch.Tensor, like) -> list[torch.Tensor]:
-    """Split ``flat [P]`` back into views shaped like the tensors of ``like``."""
-    out, offset = [], 0
-    for t in like:
-        out.append(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+    ``values`` is ``[T + 1, B]``, V at ``obs[0..T]``. Under NEXT_STEP autoreset ``obs[t + 1]`` after a
+    final step is the true final observation, so a truncated episode bootstraps V(final obs), a
+    terminated one uses 0, and an episode cut by the batch end bootstraps V(obs[T]).
+    λ = 1 gives A_t = Q̂_t - V(s_t) with the bootstrapped reward-to-go Q̂_t (the value baseline);
+    λ = 0 gives the one-step TD error δ_t.
+    """
+    continues = (~done).to(rew.dtype)
+    alive = (~terminated).to(rew.dtype)
+    deltas = rew + gamma * alive * values[1:] - values[:-1]
+    out = torch.empty_like(rew)
+    future = torch.zeros_like(rew[0])
+    for t in range(rew.shape[0] - 1, -1, -1):
+        future = deltas[t] + gamma * gae_lambda * continues[t] * future
+        out[t] = future
     return out
 
 
-def conjugate_gradient(
-    matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, residual_tol: float = 1e-12
-) -> torch.Tensor:
-    """Solve A x = b for symmetric positive-definite A, given only ``matvec(v) = A v`` (Hestenes–Stiefel).
+# --- The pseudo-loss (lecture §7.2) -------------------------------------------------------------------------
 
-    Exact after ``len(b)`` iterations in exact arithmetic; fewer give the usual truncated-CG approximation
-    (TRPO, Schulman et al. 2015, Appendix C). Stops early once ‖r‖² < ``residual_tol``.
+
+def pseudo_loss(
+    logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_episodes: torch.Tensor | int
+) -> torch.Tensor:
+    """The negated pseudo-objective of lecture §7.2, whose gradient is the policy-gradient estimate.
+
+        J~ = (1/N) Σ_i Σ_t log π_θ(a_it|s_it) · Ψ_it        loss = -J~
+
+    Args:
+        logp: ``[T, B]`` log π_θ(a_t|s_t), differentiable in θ.
+        weights: ``[T, B]`` Ψ_t, the estimator's weights (treated as constants: detached here).
+        mask: ``[T, B]`` bool, the steps that enter the sum.
+        num_episodes: N, the number of trajectories the sum runs over.
+
+    Returns:
+        A scalar; ``-∇_θ loss`` is the estimate of ∇_θ J(θ).
     """
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = b.clone()
-    r_dot = r @ r
-    for _ in range(iters):
-        if r_dot < residual_tol:
-            break
-        Ap = matvec(p)
-        alpha = r_dot / (p @ Ap)
-        x = x + alpha * p
-        r = r - alpha * Ap
-        new_r_dot = r @ r
-        p = r + (new_r_dot / r_dot) * p
-        r_dot = new_r_dot
-    return x
+    terms = logp * weights.detach() * mask
+    return -terms.sum() / max(float(num_episodes), 1.0)
+
+
+# --- Importance weights (lecture §6.2) ----------------------------------------------------------------------
+
+
+def log_ratio(logp: torch.Tensor, logp_behavior: torch.Tensor) -> torch.Tensor:
+    """log ρ_t = log π_θ(a_t|s_t) - log π_b(a_t|s_t): the importance ratio's one definition (lecture §6.2).
+
+    The direction is fixed here and nowhere else: the *current* policy over the *behaviour* policy
+    that collected the step, so that E_{a~π_b}[ρ f(a)] = E_{a~π_θ}[f(a)].
+    """
+    return logp - logp_behavior
+
+
+def trajectory_weights(
+    log_weights: torch.Tensor, truncate: float | None = None, self_normalize: bool = False, reduction: Reduction = LOCAL
+) -> torch.Tensor:
+    """Importance weights w_i = Π_t ρ_it = exp(Σ_t log ρ_it) of whole trajectories, from their log (§6.2).
+
+    Args:
+        log_weights: ``[N]`` Σ_t log ρ_t per trajectory (sums, so no product of many ratios is formed).
+        truncate: if set, w_i ← min(w_i, truncate) (truncated importance sampling, applied in log space).
+        self_normalize: return w_i / Σ_j w_j (weighted importance sampling): the weights sum to 1.
+            The largest log-weight is subtracted before ``exp``, so this never overflows or gives 0/0.
+            Max and Σ are taken over all processes by ``reduction``.
+
+    Returns:
+        ``[N]`` float64 weights (float64 so that products over 500-step episodes stay representable).
+    """
+    log_weights = log_weights.double()
+    if truncate is not None:
+        log_weights = log_weights.clamp(max=math.log(truncate))
+    if self_normalize:
+        local_max = log_weights.max() if log_weights.numel() else log_weights.new_tensor(-torch.inf)
+        shifted = (log_weights - reduction.max(local_max)).exp()
+        return shifted / reduction.sum(shifted.sum())
+    return log_weights.exp()
+
+
+def effective_sample_size(weights: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
+    """Kish's effective sample size as a fraction of the sample: (Σ w)² / (n Σ w²) ∈ (0, 1].
+
+    1 when all weights are equal (on-policy data); 1/n when one sample carries all the weight.
+    n, Σ w and Σ w² are summed over all processes by ``reduction``.
+    """
+    weights = weights.double()
+    n, total, squares = reduction.sum(
+        torch.stack([weights.new_tensor(float(weights.numel())), weights.sum(), (weights**2).sum()])
+    )
+    return total**2 / (n.clamp(min=1) * squares).clamp(min=torch.finfo(torch.float64).tiny)
+
+
+# --- Per-step and clipped surrogates (lecture §6.3; PPO) ----------------------------------------------------
+
+
+def per_step_surrogate(
+    rho: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_segments: torch.Tensor | int
+) -> torch.Tensor:
+    """The first-order importance-sampled objective of lecture §6.3 (maximised; the loss is its negative).
+
+        J~ = (1/N) Σ_t ρ_t Ψ_t,   ρ_t = π_θ(a_t|s_t) / π_b(a_t|s_t) = exp(``log_ratio``)
+
+    Its gradient Σ_t ρ_t ∇log π_θ(a_t|s_t) Ψ_t / N ignores the change of the state distribution: biased
+    unless θ = θ_b, far lower variance than the trajectory product. ``[T, B]`` inputs; N ≥ 1 is used.
+    """
+    terms = rho * weights
+    return (terms * mask.to(weights.dtype)).sum() / max(float(num_segments), 1.0)
+
+
+def clipped_surrogate(
+    rho: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, num_segments: torch.Tensor | int, clip_ratio: float
+) -> torch.Tensor:
+    """The pessimistic clipped objective of PPO (Schulman et al. 2017), maximised:
+
+        J~ = (1/N) Σ_t min(ρ_t Ψ_t, clip(ρ_t, 1 - ε, 1 + ε) Ψ_t),   ε = ``clip_ratio``
+
+    It equals ``per_step_surrogate`` while ρ_t stays in [1 - ε, 1 + ε] and stops rewarding moves beyond.
+    """
+    terms = torch.minimum(rho * weights, rho.clamp(1 - clip_ratio, 1 + clip_ratio) * weights)
+    return (terms * mask.to(weights.dtype)).sum() / max(float(num_segments), 1.0)
+
+
+# --- The KL estimate ----------------------------------------------------------------------------------------
+
+
+def kl_estimate(rho: torch.Tensor, log_rho: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[T, B]`` per-step estimates of KL(π_b ‖ π_θ) from samples of π_b (0 off the mask), given ρ and log ρ:
+
+        k_t = (ρ_t - 1) - log ρ_t
+
+    Non-negative for every ρ > 0, unbiased (E_{π_b}[ρ] = 1, so E[k] = E[-log ρ] = KL), and with zero gradient
+    at θ = θ_b: the penalty ``kl_coef`` · mean k keeps θ near the data's policies (Schulman's "k3").
+    """
+    return ((rho - 1) - log_rho) * mask
+
+
+# --- The natural-gradient step (lecture §8) -----------------------------------------------------------------
+
+
+def kl_step_scale(curvature: torch.Tensor | float, max_kl: float) -> float:
+    """The natural-gradient step length of lecture §8: β with ½ (βx)ᵀ F (βx) = δ, for x ≈ F⁻¹ g.
+
+        β = sqrt(2 δ / xᵀ F x),   δ = ``max_kl``,  ``curvature`` = xᵀ F x (floored at 1e-12)
+    """
+    return math.sqrt(2 * max_kl / max(float(curvature), 1e-12))

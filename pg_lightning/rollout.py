@@ -9,7 +9,6 @@ their running episodes live in the ``RolloutCollector`` and survive across itera
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -20,11 +19,10 @@ from gymnasium.vector import VectorEnv
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from pg_lightning import functional as F
+from pg_lightning.segments import segment_ids, segment_sum
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.checkpoint import env_state, restore_env_state
-from pg_lightning.envs import VectorEnvFactory, check_action_space, to_env_action
-from pg_lightning.threads import DEFAULT_TORCH_THREADS, using_threads
+from pg_lightning.envs import check_action_space, to_env_action
 from pg_lightning.validation import positive_int, require
 
 
@@ -202,10 +200,10 @@ class RolloutCollector:
         Each of the batch's segments is a whole episode (it starts and ends in the batch), so the episode
         statistics are segment sums.
         """
-        ids = F.segment_ids(torch.from_numpy(valid), torch.from_numpy(done))
+        ids = segment_ids(torch.from_numpy(valid), torch.from_numpy(done))
         num_episodes = int(ids.max()) + 1 if ids.numel() else 0
-        returns = F.segment_sum(torch.from_numpy(rew).double(), ids, num_episodes)
-        lengths = F.segment_sum(torch.ones(ids.shape, dtype=torch.long), ids, num_episodes)
+        returns = segment_sum(torch.from_numpy(rew).double(), ids, num_episodes)
+        lengths = segment_sum(torch.ones(ids.shape, dtype=torch.long), ids, num_episodes)
         self.episodes.returns.extend(returns.tolist())
         self.episodes.lengths.extend(lengths.tolist())
 
@@ -389,108 +387,3 @@ def _sample_dtype(action_space: gym.Space, dtype: torch.dtype) -> np.dtype:
     if isinstance(action_space, gym.spaces.Discrete):
         return np.dtype(np.int64)
     return torch.empty((), dtype=dtype).numpy().dtype
-
-
-def collect(
-    policy: nn.Module,
-    env: str | VectorEnvFactory | gym.Env | VectorEnv,
-    *,
-    num_steps: int | None = None,
-    num_episodes: int | None = None,
-    seed: int | None = None,
-    gamma: float = 0.99,
-    whole_episodes: bool = True,
-    torch_threads: int | None = DEFAULT_TORCH_THREADS,
-) -> RolloutBatch:
-    """Collect a batch with ``policy``: the same code path as training (``RolloutCollector``).
-
-    Args:
-        policy: ``obs -> Distribution``.
-        env: a registered gymnasium id, a ``VectorEnvFactory``, an env or a vector env (reset here).
-        num_steps: collect at least this many steps: with ``whole_episodes`` (the default, what training
-            uses without a value function) each env collects whole episodes until it has
-            ``ceil(num_steps / num_envs)`` steps of them; otherwise exactly that many steps of each env, the
-            last episodes cut by the batch end.
-        num_episodes: collect exactly this many complete episodes, each from a reset. An id or factory
-            is built with one env per episode. With a given vector env of B envs, env b contributes its
-            first ``num_episodes // B`` (+1 for the first ``num_episodes % B`` envs) episodes: a choice
-            fixed in advance, so that short episodes are not favoured. Every other step is marked invalid.
-        seed: seed of the envs' reset.
-        gamma: discount for ``RolloutBatch.return_before`` (0 with whole episodes: they all start in the batch).
-        whole_episodes: the batch rule of ``num_steps`` (``RolloutCollector``).
-        torch_threads: torch's CPU threads during the call (``threads.py``), restored after it; ``None``: as set.
-
-    Exactly one of ``num_steps`` and ``num_episodes`` must be given.
-    """
-    if (num_steps is None) == (num_episodes is None):
-        raise ValueError("collect: give exactly one of num_steps and num_episodes")
-    with using_threads(torch_threads):
-        return _collect(policy, env, num_steps, num_episodes, seed, gamma, whole_episodes)
-
-
-def _collect(policy, env, num_steps, num_episodes, seed, gamma, whole_episodes) -> RolloutBatch:
-    envs = _as_vector_env(env, num_envs=num_episodes)
-    if num_steps is not None:
-        require("num_steps", num_steps, positive_int, "a positive integer")
-        collector = RolloutCollector(envs, steps_per_env=1, gamma=gamma, seed=seed, whole_episodes=whole_episodes)
-        return collector.collect(policy, num_steps=math.ceil(num_steps / envs.num_envs))
-    collector = RolloutCollector(envs, steps_per_env=1, gamma=gamma, seed=seed)
-    assert num_episodes is not None
-    require("num_episodes", num_episodes, positive_int, "a positive integer")
-    quota = torch.full((envs.num_envs,), num_episodes // envs.num_envs)
-    quota[: num_episodes % envs.num_envs] += 1
-    chunks, ended = [], torch.zeros(envs.num_envs, dtype=torch.long)
-    while (ended < quota).any():
-        chunks.append(collector.collect(policy, num_steps=_EPISODE_CHUNK))
-        ended += (chunks[-1].done & chunks[-1].valid).sum(0).cpu()
-    return _first_episodes(_concat_in_time(chunks), quota)
-
-
-# Steps per collect call while gathering whole episodes.
-_EPISODE_CHUNK = 16
-
-
-def _as_vector_env(env: str | VectorEnvFactory | gym.Env | VectorEnv, num_envs: int | None) -> VectorEnv:
-    if isinstance(env, VectorEnv):
-        return env
-    if isinstance(env, gym.Env):
-        return gym.vector.SyncVectorEnv([lambda: env])
-    factory = env if isinstance(env, VectorEnvFactory) else VectorEnvFactory(id=env)
-    return factory.make(num_envs=num_envs)
-
-
-def _concat_in_time(batches: list[RolloutBatch]) -> RolloutBatch:
-    """Consecutive batches of the same envs as one: ``obs`` overlap by one step at each seam."""
-    first = batches[0]
-    return RolloutBatch(
-        obs=torch.cat([b.obs[:-1] for b in batches] + [batches[-1].obs[-1:]]),
-        act=torch.cat([b.act for b in batches]),
-        rew=torch.cat([b.rew for b in batches]),
-        terminated=torch.cat([b.terminated for b in batches]),
-        truncated=torch.cat([b.truncated for b in batches]),
-        valid=torch.cat([b.valid for b in batches]),
-        logp_behavior=torch.cat([b.logp_behavior for b in batches]),
-        return_before=first.return_before,
-        length_before=first.length_before,
-        steps_taken=sum(b.valid.sum(0) if b.steps_taken is None else b.steps_taken for b in batches),
-    )
-
-
-def _first_episodes(batch: RolloutBatch, quota: torch.Tensor) -> RolloutBatch:
-    """Keep the first ``quota[b]`` episodes of each env b (all complete); mark every other step invalid."""
-    starts = torch.ones_like(batch.valid)
-    starts[1:] = ~batch.valid[:-1] | batch.done[:-1]
-    episode_index = torch.cumsum((starts & batch.valid).long(), 0) - 1  # [T, B]: k-th episode of env b
-    keep = batch.valid & (episode_index < quota.to(episode_index.device))
-    return RolloutBatch(
-        obs=batch.obs,
-        act=batch.act,
-        rew=batch.rew * keep,
-        terminated=batch.terminated & keep,
-        truncated=batch.truncated & keep,
-        valid=keep,
-        logp_behavior=batch.logp_behavior,
-        return_before=torch.zeros_like(batch.return_before),
-        length_before=torch.zeros_like(batch.length_before),
-        steps_taken=batch.steps_taken,
-    )

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pg_lightning import functional as F
+from pg_lightning.segments import masked_mean, segment_ids
 
 
 def random_episode_data(num_steps: int, num_envs: int, seed: int):
@@ -127,14 +128,14 @@ def test_pseudo_loss_ignores_masked_steps_and_detaches_weights():
 
 def test_masked_mean():
     values = torch.tensor([1.0, 100.0, 3.0])
-    assert F.masked_mean(values, torch.tensor([True, False, True])).item() == pytest.approx(2.0)
-    assert F.masked_mean(values, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+    assert masked_mean(values, torch.tensor([True, False, True])).item() == pytest.approx(2.0)
+    assert masked_mean(values, torch.zeros(3, dtype=torch.bool)).item() == 0.0
 
 
 def test_segment_ids_number_each_episode_part_once():
     valid = torch.tensor([[1, 1], [1, 1], [0, 1], [1, 1]]).bool()
     done = torch.tensor([[0, 0], [1, 0], [0, 1], [0, 0]]).bool()
-    assert F.segment_ids(valid, done).tolist() == [[0, 2], [0, 2], [-1, 2], [1, 3]]
+    assert segment_ids(valid, done).tolist() == [[0, 2], [0, 2], [-1, 2], [1, 3]]
 
 
 def test_other_envs_mean_matches_loop():

@@ -7,7 +7,7 @@ import torch
 from test_configs import compose_with
 
 from pg_lightning import NaturalGradient, VectorEnvFactory, collect, estimators, mlp_policy
-from pg_lightning.functional import conjugate_gradient
+from pg_lightning.linalg import conjugate_gradient
 from pg_lightning.gradient import policy_loss
 from pg_lightning.natural_gradient import check_trainer, fisher_vector_product, measured_kl
 from pg_lightning.run import ConfigError, train
