@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 # Importing torch and Lightning creates about a million objects: the cyclic garbage collector would walk them
-# again and again while they load (~0.45 s of a CartPole run) and once more at exit (~0.8 s). None of them is
+# again and again while they load and once more at exit (benchmarks/README.md, start-up). None of them is
 # garbage, so collection is off while they load and they are frozen (left out of every later collection).
 gc.disable()
 import hydra  # noqa: E402
@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E40
 from lightning.pytorch.utilities.rank_zero import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pg_lightning.module import NonFiniteUpdatesError  # noqa: E402
+from pg_lightning.update import NonFiniteUpdatesError  # noqa: E402
 from pg_lightning.rollout import EnvStepError  # noqa: E402
 from pg_lightning.run import ConfigError, train  # noqa: E402
 
@@ -95,7 +95,7 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        # Shutdown's garbage collections walk every object torch and Lightning made at import (~0.8 s of a
-        # CartPole run's 5 s); frozen objects are skipped. Exit is otherwise as usual: atexit handlers run
+        # Shutdown's garbage collections walk every object torch and Lightning made at import; frozen objects
+        # are skipped (benchmarks/README.md, start-up). Exit is otherwise as usual: atexit handlers run
         # (logging, W&B) and our outputs are already closed.
         gc.freeze()

@@ -14,11 +14,11 @@ from torch.distributions import Distribution
 from torch.func import functional_call, grad, vmap
 
 from pg_lightning import functional as F
+from pg_lightning.linalg import unflatten_like
+from pg_lightning.segments import segment_sum
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.distributed import LOCAL, Reduction
 from pg_lightning.estimators import Estimator, EstimatorOutput
-from pg_lightning.off_policy import OffPolicy, importance_loss
-from pg_lightning.threads import DEFAULT_TORCH_THREADS, using_threads
 
 
 # Steps per vmap call when computing per-step score vectors (bounds the memory to SCORE_CHUNK x P).
@@ -55,9 +55,15 @@ def policy_loss(
     With the per-parameter optimal baseline the gradient is not that of any scalar-weighted
     pseudo-loss, so the loss is the linear surrogate -Σ_k θ_k ĝ_k (ĝ a constant), whose gradient is -ĝ.
     """
+    return on_policy_loss(policy, batch, estimator(batch, values, reduction), estimator, reduction)
+
+
+def on_policy_loss(
+    policy: nn.Module, batch: RolloutBatch, estimate: EstimatorOutput, estimator: Estimator, reduction: Reduction = LOCAL
+) -> PolicyLoss:
+    """The pseudo-loss of ``policy_loss`` for weights the estimator already gave (``update.update_policy``)."""
     dist = policy(batch.obs[:-1])
     logp = dist.log_prob(batch.act)  # [T, B]
-    estimate = estimator(batch, values, reduction)
     if estimator.baseline == "optimal":
         loss = _optimal_baseline_surrogate(policy, batch, logp, estimate, reduction)
     else:
@@ -92,50 +98,13 @@ def _optimal_baseline_surrogate(
         chunk = step_scores(params, obs[start : start + SCORE_CHUNK], act[start : start + SCORE_CHUNK])
         flat = torch.cat([chunk[name].reshape(chunk[name].shape[0], -1) for name in names], dim=1)
         scores.index_add_(0, seg[start : start + SCORE_CHUNK], flat)
-    steps = F.segment_sum(estimate.mask.to(logp.dtype), segments, num_segments)
+    steps = segment_sum(estimate.mask.to(logp.dtype), segments, num_segments)
     # R(τ) is the same at every step of a trajectory: its segment mean recovers it.
-    returns = F.segment_sum(estimate.weights, segments, num_segments) / steps.clamp(min=1)
+    returns = segment_sum(estimate.weights, segments, num_segments) / steps.clamp(min=1)
     columns = torch.arange(batch.num_envs, device=segments.device).expand_as(segments)
     envs = torch.zeros(num_segments, dtype=torch.long, device=segments.device)
     envs[segments[used]] = columns[used]  # the env of each trajectory
     baseline = F.optimal_baseline(scores, returns, envs, batch.num_envs, reduction)
     ascent = (scores * (returns[:, None] - baseline)).sum(0) / estimate.num_segments.clamp(min=1)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # same order as ``names``
-    return -sum((p * g).sum() for p, g in zip(trainable, F.unflatten_like(ascent, trainable)))
-
-
-def estimate_gradient(
-    policy: nn.Module,
-    batch: RolloutBatch,
-    estimator: Estimator,
-    value_fn: nn.Module | None = None,
-    off_policy: OffPolicy | None = None,
-    reduction: Reduction = LOCAL,
-    torch_threads: int | None = DEFAULT_TORCH_THREADS,
-) -> list[torch.Tensor]:
-    """The estimate of ∇_θ J (ascent direction) that ``estimator`` gives on ``batch``: one tensor per parameter.
-
-    Same code path as training: ``policy_loss``, or with an importance-sampled ``off_policy`` kind
-    ``off_policy.importance_loss`` on the whole batch (the batch may come from another policy: its
-    ``logp_behavior``). ``value_fn`` is V_φ for value-baseline estimators. With several processes and a
-    ``reduction``, each rank returns its share; their sum over ranks is the whole batch's estimate.
-    ``torch_threads``: torch's CPU threads during the call (``threads.py``), restored after it.
-    """
-    with using_threads(torch_threads):
-        return _estimate_gradient(policy, batch, estimator, value_fn, off_policy, reduction)
-
-
-def _estimate_gradient(policy, batch, estimator, value_fn, off_policy, reduction) -> list[torch.Tensor]:
-    values = None
-    if estimator.needs_value:
-        if value_fn is None:
-            raise ValueError(f"estimator {estimator.name!r} needs a value function: pass value_fn")
-        with torch.no_grad():
-            values = value_fn(batch.obs)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if off_policy is not None and off_policy.reuses_data:
-        loss = importance_loss(policy, batch, estimator(batch, values, reduction), off_policy, reduction).loss
-    else:
-        loss = policy_loss(policy, batch, estimator, values, reduction).loss
-    grads = torch.autograd.grad(-loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    return -sum((p * g).sum() for p, g in zip(trainable, unflatten_like(ascent, trainable)))

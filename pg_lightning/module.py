@@ -37,19 +37,14 @@ from pg_lightning.envs import VectorEnvFactory, check_action_space
 from pg_lightning.distributed import LOCAL, reduction_for
 from pg_lightning.estimators import Estimator
 from pg_lightning.evaluation import evaluate_policy
-from pg_lightning.functional import masked_mean
-from pg_lightning.gradient import policy_loss
 from pg_lightning.natural_gradient import NaturalGradient
-from pg_lightning.off_policy import OffPolicy, importance_loss, select_estimate
+from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import check_policy, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.threads import DEFAULT_TORCH_THREADS, set_torch_threads
 from pg_lightning.validation import positive_int, require
-from pg_lightning.value import ValueFunction, value_loss
-
-class NonFiniteUpdatesError(RuntimeError):
-    """Too many consecutive updates had a non-finite loss or gradient."""
-
+from pg_lightning.update import GuardedStep, Precondition, SkipCounter, update_policy
+from pg_lightning.value import ValueFunction, fit_value, value_optimizer
 
 PolicyFactory = Callable[[gym.Space, gym.Space], nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -140,19 +135,14 @@ class PolicyGradientModule(LightningModule):
             require("diagnostics.groups", grad_variance_groups, lambda v: positive_int(v) and v >= 2, "at least 2")
         self.grad_variance_groups = grad_variance_groups
         require("max_skipped_updates", max_skipped_updates, positive_int, "a positive integer")
-        self.max_skipped_updates = max_skipped_updates
-        self.skipped_updates = 0
-        self._skipped_in_a_row = 0
+        self.skips = SkipCounter(max_skipped_updates, where=self._position)
         self.collector: RolloutCollector | None = None
         self.reduction = LOCAL  # all-reduces of batch statistics once a multi-process run is set up
-        self.last_batch: RolloutBatch | None = None
-        self.last_policy_loss = None
         # Run counters over all ranks (the budget and summary.json use these).
         self.env_steps = 0
         self.iterations = 0
         self.train_return_mean = math.nan
         self._last_step_time: float | None = None
-        self._pending_metrics: dict[str, float | torch.Tensor] = {}
 
     @classmethod
     def from_run(cls, path: str | os.PathLike) -> PolicyGradientModule:
@@ -269,67 +259,55 @@ class PolicyGradientModule(LightningModule):
         optimizers = [self.optimizer_factory(self.policy.parameters())]
         if self.value_fn is not None:
             assert self.estimator.value is not None
-            optimizers.append(torch.optim.Adam(self.value_fn.parameters(), lr=self.estimator.value.lr))
+            optimizers.append(value_optimizer(self.value_fn, self.estimator.value))
         return optimizers
 
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        """One iteration after collecting ``batch``: the policy update, then V_φ's fit, then the metrics."""
+        policy_step, value_step = self._guarded_steps()
+        values = self._values(batch)  # [T + 1, B], V_φ before this batch's fit
+        metrics = self._gradient_variance(batch)
+        result = update_policy(self.policy, self._kept_batches(batch, values), self.estimator, self.off_policy,
+                               policy_step, self.reduction, self._precondition())
+        metrics.update(result.metrics)
+        if self.value_fn is not None:
+            assert self.estimator.value is not None and values is not None and value_step is not None
+            metrics.update(fit_value(self.value_fn, batch.obs[:-1], result.estimate.value_targets, batch.valid,
+                                     values[:-1], self.estimator.value.steps, value_step))
+        self._log_iteration(batch, result.estimate.mask, result.loss, result.entropy, metrics)
+
+    def _guarded_steps(self) -> tuple[GuardedStep, GuardedStep | None]:
+        """The policy's optimizer step (its loss scaled by the world size, see ``GuardedStep``) and V_φ's."""
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        values = self._values(batch)  # [T + 1, B], V_φ before this batch's fit
-        metrics = {}
-        if self.grad_variance_groups is not None:
-            estimates = sub_batch_gradients(self.policy, batch, self.estimator, self.value_fn, self.grad_variance_groups)
-            metrics.update({f"diag/{k}": v for k, v in gradient_statistics(estimates).items()})
-        if self.off_policy.reuses_data:
-            estimate, loss, entropy = self._replay_updates(batch, values, optimizers[0], metrics)
-        else:
-            result = policy_loss(self.policy, batch, self.estimator, values, self.reduction)
-            estimate, loss = result.estimate, result.loss
-            # Kept for optimizer callbacks (NaturalGradient needs the batch's states and weights).
-            self.last_batch, self.last_policy_loss = batch, result
-            # When no step has a known weight (no episode ended, no value to bootstrap) there is nothing to learn.
-            if self.reduction.any(bool(estimate.mask.any()), self.device):
-                self._guarded_step(optimizers[0], loss, self.policy)
-            with torch.no_grad():
-                entropy = masked_mean(result.dist.entropy(), batch.valid)
-        if self.value_fn is not None:
-            metrics.update(self._fit_value(batch, estimate.value_targets, optimizers[1], values))
-        self._log_iteration(batch, estimate.mask, loss, entropy, metrics)
+        policy_step = GuardedStep(optimizers[0], self.policy, self.manual_backward, self.reduction, self.skips,
+                                  loss_scale=self.reduction.world_size, ends_streak=True)
+        if self.value_fn is None:
+            return policy_step, None
+        return policy_step, GuardedStep(optimizers[1], self.value_fn, self.manual_backward, self.reduction, self.skips)
 
-    def _replay_updates(self, batch: RolloutBatch, values: torch.Tensor | None, optimizer, metrics: dict):
-        """``updates_per_batch`` passes of minibatch steps on the importance-weighted loss of every kept batch.
-
-        Ψ of each kept batch is computed once per iteration, before any step (with the current V_φ for
-        value presets), so it is a constant of the loss; the ratios move with θ from step to step.
-        Returns the current batch's estimate, the mean loss and the policy entropy on the current batch.
-        """
-        with torch.no_grad():
-            entropy = masked_mean(self.policy(batch.obs[:-1]).entropy(), batch.valid)
+    def _kept_batches(self, batch: RolloutBatch, values: torch.Tensor | None) -> list:
+        """``(batch, V_φ(obs))`` of every batch this iteration learns from, oldest first: on-policy only ``batch``;
+        with importance-sampled reuse also the ``reuse_batches`` before it."""
+        if not self.off_policy.reuses_data:
+            return [(batch, values)]
         self.replay.append(batch)
-        kept = []
-        for old in self.replay:
-            old_values = values if old is batch else self._values(old)
-            kept.append((old, self.estimator(old, old_values, self.reduction)))
-        losses, ess, kl, clipped = [], [], [], []
-        for _ in range(self.off_policy.updates_per_batch):
-            for data, estimate in kept:
-                for envs in torch.randperm(data.num_envs).tensor_split(self.off_policy.minibatches):
-                    part = select_estimate(estimate, envs, self.reduction)
-                    if not self.reduction.any(bool(part.mask.any()), self.device):
-                        continue
-                    result = importance_loss(self.policy, data.select_envs(envs), part, self.off_policy, self.reduction)
-                    self._guarded_step(optimizer, result.loss, self.policy)
-                    losses.append(result.loss.detach())
-                    ess.append(result.ess)
-                    kl.append(result.approx_kl)
-                    clipped.append(result.clip_fraction)
-        if losses:
-            # Means over this iteration's steps: how far each step's policy was from the data's.
-            metrics["diag/ess"] = torch.stack(ess).mean()
-            metrics["diag/approx_kl"] = torch.stack(kl).mean()
-            metrics["diag/clip_fraction"] = torch.stack(clipped).mean()
-        loss = torch.stack(losses).mean() if losses else torch.zeros(())
-        return kept[-1][1], loss, entropy
+        return [(old, self._values(old)) for old in list(self.replay)[:-1]] + [(batch, values)]
+
+    def _precondition(self) -> Precondition | None:
+        """The natural gradient's rewrite of the policy's gradient, with this run's cross-process mean."""
+        if not isinstance(self.optimizer_factory, NaturalGradient):
+            return None
+        natural_gradient = self.optimizer_factory
+        reduce = partial(self.trainer.strategy.reduce, reduce_op="mean")
+        return lambda batch, loss: natural_gradient.precondition(self.policy, batch, loss, reduce)
+
+    def _gradient_variance(self, batch: RolloutBatch) -> dict:
+        """``diag/grad_var`` and ``diag/grad_snr`` from sub-batches of envs, when ``grad_variance_groups`` is set."""
+        if self.grad_variance_groups is None:
+            return {}
+        estimates = sub_batch_gradients(self.policy, batch, self.estimator, self.value_fn, self.grad_variance_groups)
+        return {f"diag/{k}": v for k, v in gradient_statistics(estimates).items()}
 
     def _values(self, batch: RolloutBatch) -> torch.Tensor | None:
         if self.value_fn is None:
@@ -337,46 +315,8 @@ class PolicyGradientModule(LightningModule):
         with torch.no_grad():
             return self.value_fn(batch.obs)
 
-    def _guarded_step(self, optimizer, loss: torch.Tensor, model: nn.Module) -> bool:
-        """One optimizer step on ``loss``, skipped if the loss or any gradient is not finite.
-
-        With W processes, a policy loss is this rank's share of the batch's pseudo-loss (global N), and
-        DDP averages gradients, so it is scaled by W; whether to step is decided by all ranks together
-        (a backward is a collective: one rank skipping it alone would hang the others).
-        """
-        optimizer.zero_grad()
-        finite = not self.reduction.any(not bool(torch.isfinite(loss)), self.device)
-        if finite:
-            self.manual_backward(loss * self.reduction.world_size if model is self.policy else loss)
-            grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
-            finite = not grads or bool(torch.cat(grads).isfinite().all())  # one check, not one per tensor
-        if finite:
-            optimizer.step()
-            if model is self.policy:  # the streak counts policy updates; a fine value step does not end it
-                self._skipped_in_a_row = 0
-            return True
-        optimizer.zero_grad()
-        self.skipped_updates += 1
-        self._skipped_in_a_row += 1
-        if self._skipped_in_a_row >= self.max_skipped_updates:
-            raise NonFiniteUpdatesError(
-                f"{self._skipped_in_a_row} updates in a row had a non-finite loss or gradient "
-                f"(iteration {self.iterations + 1}, env step {self.env_steps}); stopping. Lower the learning rate, "
-                "check the env's rewards and observations for NaN/inf, or set estimator.normalize=true"
-            )
-        return False
-
-    def _fit_value(self, batch: RolloutBatch, targets: torch.Tensor, optimizer, values: torch.Tensor) -> dict:
-        """``value.steps`` full-batch regression steps of V_φ on the bootstrapped reward-to-go."""
-        assert self.value_fn is not None and self.estimator.value is not None
-        obs = batch.obs[:-1]
-        for _ in range(self.estimator.value.steps):
-            loss = value_loss(self.value_fn, obs, targets, batch.valid)
-            if not self._guarded_step(optimizer, loss, self.value_fn):
-                break
-        residual = (targets - values[:-1])[batch.valid]
-        explained = 1.0 - residual.var() / targets[batch.valid].var().clamp(min=1e-8)
-        return {"loss/value": loss.detach(), "diag/explained_variance": explained}
+    def _position(self) -> str:
+        return f"iteration {self.iterations + 1}, env step {self.env_steps}"
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.total_env_steps is not None and self.env_steps >= self.total_env_steps:
@@ -410,25 +350,19 @@ class PolicyGradientModule(LightningModule):
             "loss/policy": loss.detach(),
             "diag/entropy": entropy.detach(),
             "perf/steps_per_s": steps_per_s,
-            "diag/skipped_updates": float(self.skipped_updates),
+            "diag/skipped_updates": float(self.skips.total),
             **extra,
-            **self._pending_metrics,
         }
-        self._pending_metrics.clear()
         metrics["rollout/return_mean"] = self.train_return_mean
         metrics["rollout/env_steps"] = float(self.env_steps)
         self._log_to_loggers(metrics)
 
-    def record_metrics(self, metrics: dict[str, float | torch.Tensor]) -> None:
-        """Add ``metrics`` to this iteration's row of metrics (callbacks call it during the step: ``npg/*``)."""
-        self._pending_metrics.update(metrics)
-
     def _log_to_loggers(self, metrics: dict[str, float | torch.Tensor]) -> None:
         """Hand this iteration's (already reduced) metrics to the trainer's loggers, from rank 0.
 
-        Not through ``self.log``: its per-call bookkeeping cost ~0.65 ms per key, ~6 ms per iteration here,
-        half the time of collecting a 1k-step batch (``benchmarks/training_throughput.py``). The metrics are
-        reduced over ranks already and need none of its epoch aggregation. The step is Lightning's
+        Not through ``self.log``: its per-call bookkeeping is costly next to a small batch (trap 13; measured in
+        ``benchmarks/README.md``). The metrics are reduced over ranks already and need none of its epoch
+        aggregation. The step is Lightning's
         ``global_step``, as for the evaluation's metrics (docs/architecture.md, trap 13).
         """
         if self._trainer is None or not self.trainer.is_global_zero or not self.trainer.loggers:
@@ -442,7 +376,7 @@ class PolicyGradientModule(LightningModule):
         checkpoint["pg_lightning"] = {
             "env_steps": self.env_steps,
             "iterations": self.iterations,
-            "skipped_updates": self.skipped_updates,
+            "skipped_updates": self.skips.total,
             "train_return_mean": self.train_return_mean,
             "replay": [vars(batch) for batch in self.replay],
             "collector": self.collector.state_dict() if self.collector is not None else None,
@@ -453,7 +387,7 @@ class PolicyGradientModule(LightningModule):
         counters = checkpoint.get("pg_lightning", {})
         self.env_steps = counters.get("env_steps", 0)
         self.iterations = counters.get("iterations", 0)
-        self.skipped_updates = counters.get("skipped_updates", 0)
+        self.skips.total = counters.get("skipped_updates", 0)
         self.train_return_mean = counters.get("train_return_mean", math.nan)
         self.replay.clear()
         self.replay.extend(RolloutBatch(**fields) for fields in counters.get("replay", []))

@@ -1,7 +1,8 @@
 """The natural policy gradient (lecture §8): F⁻¹ ∇J, scaled to a KL trust region.
 
-``NaturalGradient`` is both the optimizer factory and the Lightning callback that turns the policy's
-vanilla gradient into the natural-gradient step:
+``NaturalGradient`` is the policy's optimizer factory, and ``precondition`` turns the policy's vanilla
+gradient into the natural-gradient step; ``update.update_policy`` calls it between the backward pass and the
+optimizer step, with the batch and the on-policy loss the gradient came from:
 
     g  = ∇_θ J~                               the estimator's gradient (ascent direction)
     x  ≈ (F + damping·I)⁻¹ g                  by ``cg_iters`` of conjugate gradient
@@ -13,7 +14,8 @@ KL(π_θold(·|s) ‖ π_θ(·|s)): its Hessian at θ_old is E_s E_a[∇ log π 
 double backprop never forms the P x P matrix (TRPO, Schulman et al. 2015, Appendix C).
 
 With ``line_search=True`` (TRPO) the step is halved until the measured KL is ≤ δ and the importance-
-sampled surrogate (1/N) Σ ρ_t Ψ_t improved. The step is applied by plain SGD with lr 1 (the factory this
+sampled surrogate (1/N) Σ ρ_t Ψ_t improved (``functional.per_step_surrogate``, the one off-policy reuse
+differentiates). The step is applied by plain SGD with lr 1 (the factory this
 object is), so every other optimizer (a value baseline's) keeps its own first-order rule.
 
 Distributed: ``torch.autograd.grad`` does not trigger DDP's all-reduce, so the gradient, every Fisher-
@@ -22,24 +24,29 @@ vector product and every line-search quantity is averaged across ranks here (doc
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from pg_lightning.functional import conjugate_gradient, masked_mean
-from pg_lightning.functional import flatten as _flat
-from pg_lightning.functional import unflatten_like as _unflatten
+from pg_lightning import functional as F
+from pg_lightning.batch import RolloutBatch
+from pg_lightning.gradient import PolicyLoss
+from pg_lightning.linalg import conjugate_gradient
+from pg_lightning.linalg import flatten as _flat
+from pg_lightning.linalg import unflatten_like as _unflatten
+from pg_lightning.segments import masked_mean
 from pg_lightning.validation import non_negative, positive_int, positive_number, require
 
 
 class NaturalGradient(Callback):
     """Natural-gradient steps with a KL radius for ``PolicyGradientModule``; see the module doc.
 
-    Pass the same object as the module's ``optimizer=`` and in the trainer's ``callbacks``.
+    Pass the same object as the module's ``optimizer=`` and in the trainer's ``callbacks``: as a callback it
+    only checks, at setup, that the trainer would not undo its step (gradient clipping) and that it is the
+    module's optimizer.
 
     Args:
         max_kl: δ, the KL radius of a step (mean KL between the batch's old and new policies).
@@ -86,19 +93,22 @@ class NaturalGradient(Callback):
                 "with the same object in Trainer(callbacks=[ng])"
             )
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        policy = pl_module.policy
-        if not any(p is q for group in optimizer.param_groups for p in group["params"] for q in policy.parameters()):
-            return  # another optimizer (the value function's): first-order, untouched
-        batch, loss = pl_module.last_batch, pl_module.last_policy_loss
+    def precondition(
+        self, policy: nn.Module, batch: RolloutBatch, loss: PolicyLoss, reduce: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, float]:
+        """Turn the policy's vanilla gradient (in ``.grad``, from ``loss``) into the natural-gradient step.
+
+        Called by ``update.update_policy`` between the backward pass and the optimizer step, with the batch
+        and the on-policy loss the gradient came from. ``reduce`` averages a tensor across processes.
+        Returns the step's statistics, logged as ``npg/*``.
+        """
         params = [p for p in policy.parameters() if p.requires_grad]
-        reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731 - one line, used often
         gradient = reduce(-_flat([p.grad for p in params]))  # ascent direction of J
         step, stats = self.step(policy, batch.obs[:-1], batch.valid, gradient, reduce, surrogate=_surrogate(batch, loss))
         for p, delta in zip(params, _unflatten(step, params)):
             p.grad = -delta  # SGD with lr 1: θ ← θ - grad = θ + Δθ
         self.last_stats = stats
-        pl_module.record_metrics({f"npg/{k}": v for k, v in stats.items()})
+        return {f"npg/{k}": v for k, v in stats.items()}
 
     # --- the step, usable without Lightning --------------------------------------------------------
 
@@ -113,7 +123,7 @@ class NaturalGradient(Callback):
         fvp = fisher_vector_product(policy, obs, mask, self.damping, reduce)
         direction = conjugate_gradient(fvp, gradient, self.cg_iters)
         curvature = direction @ fvp(direction)  # xᵀ(F + damping I)x
-        scale = math.sqrt(2 * self.max_kl / max(float(curvature), 1e-12))
+        scale = F.kl_step_scale(curvature, self.max_kl)
         full_step = scale * direction
         stats = {"step_size": scale, "grad_norm": float(gradient.norm()), "backtracks": 0.0}
         if not self.line_search:
@@ -186,13 +196,14 @@ def _moved(params: list[torch.Tensor], step: torch.Tensor):
         _add(params, -step)
 
 
-def _surrogate(batch, loss):
-    """(1/N) Σ_t ρ_t Ψ_t with ρ_t = π_θ(a_t|s_t) / π_θold(a_t|s_t): the objective the line search must improve."""
+def _surrogate(batch: RolloutBatch, loss: PolicyLoss) -> Callable[[nn.Module], torch.Tensor]:
+    """(1/N) Σ_t ρ_t Ψ_t with ρ_t = π_θ(a_t|s_t) / π_θold(a_t|s_t) (``functional.per_step_surrogate``): the
+    objective the line search must improve."""
     estimate, logp_old = loss.estimate, loss.logp.detach()
 
     def value(policy: nn.Module) -> torch.Tensor:
-        ratio = torch.exp(policy(batch.obs[:-1]).log_prob(batch.act) - logp_old)
-        return (ratio * estimate.weights * estimate.mask).sum() / estimate.num_segments.clamp(min=1)
+        rho = F.log_ratio(policy(batch.obs[:-1]).log_prob(batch.act), logp_old).exp()
+        return F.per_step_surrogate(rho, estimate.weights, estimate.mask, estimate.num_segments)
 
     return value
 

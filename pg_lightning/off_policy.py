@@ -3,14 +3,8 @@
 Every batch stores log π_b(a_t|s_t) of the policy that collected it (``RolloutBatch.logp_behavior``);
 the ratio ρ_t = π_θ(a_t|s_t) / π_b(a_t|s_t) is formed in one place, ``functional.log_ratio``. With Ψ_t the
 estimator's weights (computed from the stored rewards, exactly as on-policy) and N the number of
-trajectories, the kinds differ only in how ρ enters the pseudo-loss:
-
-    kind        loss                                                       lecture
-    none        -(1/N) Σ_t log π_θ(a_t|s_t) Ψ_t   (on-policy)              §7.2
-    trajectory  -(1/N) Σ_i w_i Σ_t log π_θ(a_it|s_it) Ψ_it,                §6.2
-                w_i = Π_t ρ_it = exp(Σ_t log ρ_it) held constant
-    per_step    -(1/N) Σ_t ρ_t Ψ_t                                         §6.3 (first order)
-    clipped     -(1/N) Σ_t min(ρ_t Ψ_t, clip(ρ_t, 1 - ε, 1 + ε) Ψ_t)        PPO (Schulman et al. 2017)
+trajectories, the kinds differ only in how ρ enters the loss: the README's off-policy table (section
+"Off-policy reuse") gives each kind's formula, lecture section and function in ``functional.py``.
 
 Gradients: ∇[w_i Σ_t log π Ψ] with w_i constant is w_i Σ_t ∇log π Ψ, the §6.2 estimator, unbiased for
 whole trajectories; ∇ρ_t = ρ_t ∇log π_θ(a_t|s_t), so ``per_step`` is Σ_t ρ_t ∇log π Ψ_t, which ignores the
@@ -31,6 +25,7 @@ import torch
 from torch import nn
 
 from pg_lightning import functional as F
+from pg_lightning.segments import masked_mean, segment_sum
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.distributed import LOCAL, Reduction
 from pg_lightning.estimators import EstimatorOutput
@@ -123,8 +118,8 @@ def importance_loss(
     if off_policy.kind == "trajectory":
         segments = torch.where(mask, estimate.segments, torch.full_like(estimate.segments, -1))
         num_segments = int(estimate.segments.max()) + 1 if estimate.segments.numel() else 0
-        log_w = F.segment_sum(log_rho.detach() * used, segments, num_segments)
-        present = F.segment_sum(used, segments, num_segments) > 0
+        log_w = segment_sum(log_rho.detach() * used, segments, num_segments)
+        present = segment_sum(used, segments, num_segments) > 0
         # Self-normalised weights serve the ESS (scale-free) and, with self_normalize, the loss itself.
         normalized = F.trajectory_weights(log_w[present], off_policy.truncate, self_normalize=True, reduction=reduction)
         w = normalized if off_policy.self_normalize else F.trajectory_weights(log_w[present], off_policy.truncate)
@@ -137,13 +132,12 @@ def importance_loss(
     else:
         if off_policy.kind == "clipped":
             eps = off_policy.clip_ratio
-            terms = torch.minimum(rho * weights, rho.clamp(1 - eps, 1 + eps) * weights)
-            clip_fraction = F.masked_mean(((rho - 1).abs() > eps).to(logp.dtype), mask).detach()
+            loss = -F.clipped_surrogate(rho, weights, mask, count, eps)
+            clip_fraction = masked_mean(((rho - 1).abs() > eps).to(logp.dtype), mask).detach()
         else:  # per_step
-            terms = rho * weights
-        loss = -(terms * used).sum() / count
+            loss = -F.per_step_surrogate(rho, weights, mask, count)
         ess = F.effective_sample_size(rho.detach()[mask], reduction)
-    kl_terms = ((rho - 1) - log_rho) * batch.valid  # KL(π_b ‖ π_θ) estimate, ≥ 0 per step
+    kl_terms = F.kl_estimate(rho, log_rho, batch.valid)  # KL(π_b ‖ π_θ) estimate, ≥ 0 per step
     kl = kl_terms.sum() / reduction.sum(batch.valid.sum().to(logp.dtype)).clamp(min=1)  # this rank's share
     if off_policy.kl_coef > 0:
         loss = loss + off_policy.kl_coef * kl

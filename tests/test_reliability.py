@@ -16,7 +16,7 @@ import torch
 from test_configs import compose_with
 from test_train import REPO
 
-from pg_lightning.module import NonFiniteUpdatesError
+from pg_lightning.update import NonFiniteUpdatesError
 from pg_lightning.rollout import EnvStepError
 from pg_lightning.run import ConfigError, train
 

@@ -1,0 +1,188 @@
+"""One loop for every first-order policy update: kept batches × passes × minibatches of envs.
+
+On-policy training (lecture §2, §7.2) is the 1 × 1 × 1 case: the batch just collected, one pass, one step on
+the pseudo-loss -(1/N) Σ_i Σ_t log π_θ(a_it|s_it) Ψ_it. Importance-sampled reuse (lecture §6) keeps the
+``reuse_batches`` batches before it too, takes ``updates_per_batch`` passes over all of them, and splits each
+batch into ``minibatches`` groups of envs, one optimizer step on the importance-weighted loss per group.
+
+Ψ of each kept batch is computed once, before any step (with the current V_φ for value presets), so it is a
+constant of the loss; the ratios ρ_t move with θ from step to step.
+
+``GuardedStep`` is the one place an optimizer steps: it skips a step whose loss or gradient is not finite,
+and scales the policy's loss for DDP. ``SkipCounter`` counts skipped steps and stops a run that keeps
+skipping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pg_lightning.batch import RolloutBatch
+from pg_lightning.distributed import Reduction
+from pg_lightning.estimators import Estimator, EstimatorOutput
+from pg_lightning.segments import masked_mean
+from pg_lightning.gradient import PolicyLoss, on_policy_loss
+from pg_lightning.off_policy import OffPolicy, importance_loss, select_estimate
+
+
+class NonFiniteUpdatesError(RuntimeError):
+    """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+class SkipCounter:
+    """Optimizer steps skipped for a non-finite loss or gradient: in all, and in a row.
+
+    Args:
+        max_in_a_row: this many skipped steps in a row raise ``NonFiniteUpdatesError``.
+        where: describes the run's position for that error (e.g. "iteration 12, env step 40960").
+    """
+
+    def __init__(self, max_in_a_row: int, where: Callable[[], str] = lambda: ""):
+        self.max_in_a_row = max_in_a_row
+        self.where = where
+        self.total = 0
+        self.in_a_row = 0
+
+    def skip(self) -> None:
+        self.total += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteUpdatesError(
+                f"{self.in_a_row} updates in a row had a non-finite loss or gradient ({self.where()}); stopping. "
+                "Lower the learning rate, check the env's rewards and observations for NaN/inf, or set "
+                "estimator.normalize=true"
+            )
+
+
+@dataclass
+class GuardedStep:
+    """One optimizer step of one model on a loss, skipped when the loss or any gradient is not finite.
+
+    With W processes the policy's loss is this rank's share of the whole batch's pseudo-loss (global N) and
+    DDP averages gradients, so the policy's ``loss_scale`` is W (V_φ's loss is a per-rank mean: 1). Whether to
+    step is decided by all ranks together: a backward is a collective, one rank skipping it alone would hang
+    the others.
+
+    Args:
+        optimizer: the model's optimizer.
+        model: the parameters whose gradients are checked.
+        backward: ``loss -> None`` (Lightning's ``manual_backward``: DDP's gradient all-reduce).
+        reduction: the run's ``distributed.Reduction``.
+        skips: the run's counter of skipped steps.
+        loss_scale: the factor on the loss before the backward pass.
+        ends_streak: a step taken ends a streak of skipped ones (policy steps do; V_φ's do not).
+    """
+
+    optimizer: torch.optim.Optimizer
+    model: nn.Module
+    backward: Callable[[torch.Tensor], None]
+    reduction: Reduction
+    skips: SkipCounter
+    loss_scale: float = 1.0
+    ends_streak: bool = False
+
+    def __call__(self, loss: torch.Tensor, before_step: Callable[[], None] | None = None) -> bool:
+        """Backward and step; ``before_step`` may rewrite the gradients first (the natural gradient). True if stepped."""
+        self.optimizer.zero_grad()
+        finite = not self.reduction.any(not bool(torch.isfinite(loss)), loss.device)
+        if finite:
+            self.backward(loss * self.loss_scale if self.loss_scale != 1.0 else loss)
+            grads = [p.grad.reshape(-1) for p in self.model.parameters() if p.grad is not None]
+            finite = not grads or bool(torch.cat(grads).isfinite().all())  # one check, not one per tensor
+        if finite:
+            if before_step is not None:
+                before_step()
+            self.optimizer.step()
+            if self.ends_streak:
+                self.skips.in_a_row = 0
+            return True
+        self.optimizer.zero_grad()
+        self.skips.skip()
+        return False
+
+
+# The natural gradient's hook: (batch, its on-policy loss) -> its statistics; it rewrites the policy's .grad.
+Precondition = Callable[[RolloutBatch, PolicyLoss], dict[str, float]]
+
+
+@dataclass
+class UpdateResult:
+    """What one policy update did.
+
+    Attributes:
+        estimate: the current batch's estimator output (its ``value_targets`` fit V_φ).
+        loss: the mean loss of the steps taken (on-policy: the batch's pseudo-loss).
+        entropy: the policy's mean entropy on the current batch, before the update.
+        metrics: ``diag/ess``, ``diag/approx_kl``, ``diag/clip_fraction`` (importance-sampled kinds) and the
+            precondition's statistics (``npg/*``).
+    """
+
+    estimate: EstimatorOutput
+    loss: torch.Tensor
+    entropy: torch.Tensor
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+def update_policy(
+    policy: nn.Module,
+    kept: list[tuple[RolloutBatch, torch.Tensor | None]],
+    estimator: Estimator,
+    off_policy: OffPolicy,
+    step: GuardedStep,
+    reduction: Reduction,
+    precondition: Precondition | None = None,
+) -> UpdateResult:
+    """Every optimizer step of one iteration on the kept batches; the current batch is ``kept[-1]``.
+
+    Args:
+        kept: ``(batch, V_φ(batch.obs) [T + 1, B] or None)``, oldest first; on-policy exactly one.
+        step: the policy's guarded optimizer step.
+        precondition: rewrites the policy's gradient before the step (on-policy only: the natural gradient).
+    """
+    current = kept[-1][0]
+    with torch.no_grad():
+        entropy = masked_mean(policy(current.obs[:-1]).entropy(), current.valid)
+    estimates = [(batch, estimator(batch, values, reduction)) for batch, values in kept]
+    losses: list[torch.Tensor] = []
+    diagnostics: dict[str, list[torch.Tensor]] = {}
+    metrics: dict[str, torch.Tensor | float] = {}
+    for _ in range(off_policy.updates_per_batch):
+        for batch, estimate in estimates:
+            for data, part in minibatches(batch, estimate, off_policy, reduction):
+                if not reduction.any(bool(part.mask.any()), part.mask.device):
+                    continue  # no step has a known weight (no episode ended, no value to bootstrap)
+                if off_policy.reuses_data:
+                    result = importance_loss(policy, data, part, off_policy, reduction)
+                    step(result.loss)
+                    for key, value in (("ess", result.ess), ("approx_kl", result.approx_kl),
+                                       ("clip_fraction", result.clip_fraction)):
+                        diagnostics.setdefault(f"diag/{key}", []).append(value)
+                    losses.append(result.loss.detach())
+                else:
+                    loss = on_policy_loss(policy, data, part, estimator, reduction)
+                    hook = None if precondition is None else lambda: metrics.update(precondition(data, loss))
+                    step(loss.loss, before_step=hook)
+                    losses.append(loss.loss.detach())
+    # Means over this iteration's steps: how far each step's policy was from the data's.
+    metrics.update({key: torch.stack(values).mean() for key, values in diagnostics.items()})
+    loss = torch.stack(losses).mean() if losses else torch.zeros(())
+    return UpdateResult(estimate=estimates[-1][1], loss=loss, entropy=entropy, metrics=metrics)
+
+
+def minibatches(
+    batch: RolloutBatch, estimate: EstimatorOutput, off_policy: OffPolicy, reduction: Reduction
+) -> Iterator[tuple[RolloutBatch, EstimatorOutput]]:
+    """The batch split into ``off_policy.minibatches`` groups of envs, whole trajectories together.
+
+    Importance-sampled kinds draw the groups from a random permutation of the envs (torch's stream, so a
+    resumed run draws the same ones); on-policy training uses the whole batch as it is.
+    """
+    if not off_policy.reuses_data:
+        yield batch, estimate
+        return
+    for envs in torch.randperm(batch.num_envs).tensor_split(off_policy.minibatches):
+        yield batch.select_envs(envs), select_estimate(estimate, envs, reduction)
