@@ -2,7 +2,7 @@
 
 The analysis API (``collect``, ``estimate_gradient``, estimators, policies, ``mdps``) needs only torch and
 gymnasium. The names that need Lightning (the module and the callbacks) are imported on first use, so
-``import pg_lightning`` does not pay Lightning's ~2 s import (``benchmarks/startup.py``).
+``import pg_lightning`` does not pay Lightning's import (measured in ``benchmarks/startup.py``).
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.envs import VectorEnvFactory
-from pg_lightning.estimators import Estimator, ValueFunctionConfig
+from pg_lightning.estimators import Estimator
 from pg_lightning.evaluation import evaluate_policy, record_episode
-from pg_lightning.gradient import estimate_gradient, policy_loss
+from pg_lightning.analysis import collect, estimate_gradient
+from pg_lightning.gradient import policy_loss
 from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import CategoricalMLP, GaussianMLP, mlp_policy
-from pg_lightning.rollout import RolloutCollector, RolloutDataset, collect
-from pg_lightning.value import ValueFunction
+from pg_lightning.rollout import RolloutCollector, RolloutDataset
+from pg_lightning.value import ValueFunction, ValueFunctionConfig
 
 if TYPE_CHECKING:
     from pg_lightning.callbacks import Evaluation, RunSummary

@@ -31,7 +31,7 @@ from pg_lightning.batch import RolloutBatch
 from pg_lightning.diagnostics import cosine_similarity, flat_gradient, gradient_statistics, sub_batch_gradients
 from pg_lightning.estimators import Estimator, baseline
 from pg_lightning.module import PolicyGradientModule
-from pg_lightning.rollout import collect
+from pg_lightning.analysis import collect
 from pg_lightning.run import make_module, optimizer_callbacks
 from pg_lightning.threads import set_torch_threads
 from pg_lightning.value import ValueFunction, value_loss

@@ -93,9 +93,23 @@ def test_every_off_policy_config_instantiates_and_user_overrides_win(name):
     assert cfg.estimator.name == "reward_to_go" and cfg.steps_per_env == 7
 
 
-def test_clipped_preset_brings_its_estimator_and_rollout_length():
-    cfg = compose_with("off_policy=clipped")
-    assert cfg.estimator.name == "gae" and cfg.steps_per_env == 32 and cfg.env.id == "CartPole-v1"
+def test_the_ppo_overlay_brings_the_clipped_loss_gae_and_its_rollout_length():
+    cfg = compose_with("+experiment=ppo")
+    assert cfg.off_policy.kind == "clipped" and cfg.estimator.name == "gae" and cfg.steps_per_env == 32
+    assert cfg.env.id == "CartPole-v1"
+    # off_policy=clipped alone selects the loss only: the estimator and T stay the defaults.
+    alone = compose_with("off_policy=clipped")
+    assert alone.off_policy.kind == "clipped" and alone.estimator.name == "baseline" and alone.steps_per_env == 1024
+
+
+def test_estimator_and_trainer_files_inherit_from_one_base():
+    """Each estimator file sets only what differs from reinforce.yaml; trainer/ddp only what differs from default."""
+    for name in options("estimator"):
+        text = (CONF_DIR / "estimator" / f"{name}.yaml").read_text()
+        if name != "reinforce":
+            assert "defaults:" in text and "_target_: pg_lightning.estimators" not in text, name
+        assert instantiate(compose_with(f"estimator={name}").estimator).name == name
+    assert "defaults:\n  - default" in (CONF_DIR / "trainer" / "ddp.yaml").read_text()
 
 
 @pytest.mark.parametrize("name", options("trainer"))

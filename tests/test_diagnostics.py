@@ -13,7 +13,7 @@ from pg_lightning import estimators as E
 from pg_lightning.diagnostics import cosine_similarity, gradient_statistics, sub_batch_gradients
 from pg_lightning.mdps import chain
 from pg_lightning.policies import mlp_policy
-from pg_lightning.rollout import collect
+from pg_lightning.analysis import collect
 from pg_lightning.run import train
 from pg_lightning.variance import compare
 

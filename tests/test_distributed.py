@@ -22,7 +22,7 @@ from test_train import run_train_py
 
 from pg_lightning import estimators as E
 from pg_lightning.distributed import Reduction
-from pg_lightning.gradient import estimate_gradient
+from pg_lightning.analysis import estimate_gradient
 from pg_lightning.off_policy import OffPolicy
 from pg_lightning.value import ValueFunction
 

@@ -18,12 +18,13 @@ import torch
 
 from pg_lightning import estimators as E
 from pg_lightning import functional as F
+from pg_lightning.segments import masked_mean
 from pg_lightning.batch import RolloutBatch
-from pg_lightning.gradient import estimate_gradient
+from pg_lightning.analysis import estimate_gradient
 from pg_lightning.off_policy import OffPolicy
 from pg_lightning.mdps import bandit, chain, exact_objective, exact_reward_to_go_surrogate
 from pg_lightning.policies import mlp_policy
-from pg_lightning.rollout import collect
+from pg_lightning.analysis import collect
 from pg_lightning.value import ValueFunction
 
 NUM_BATCHES, EPISODES_PER_BATCH = 1000, 32
@@ -154,7 +155,7 @@ def test_a_baseline_that_sees_its_own_trajectory_is_caught_as_biased(chain_sampl
     class InSampleAverage(E.Estimator):
         def __call__(self, batch, values=None, reduction=None):
             out = E.reinforce(1.0)(batch)
-            weights = (out.weights - F.masked_mean(out.weights, out.mask)) * out.mask
+            weights = (out.weights - masked_mean(out.weights, out.mask)) * out.mask
             return E.EstimatorOutput(weights, out.mask, out.segments, out.num_segments)
 
     estimates = chain_samples.estimates(InSampleAverage(name="in_sample", gamma=1.0, reward_to_go=False, baseline="none"), per_batch=2)

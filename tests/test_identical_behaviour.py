@@ -28,7 +28,7 @@ COMMANDS = {
     "default": [],
     "gae": ["estimator=gae"],
     "per_step": ["off_policy=per_step"],
-    "clipped": ["off_policy=clipped"],
+    "clipped": ["+experiment=ppo"],  # `off_policy=clipped` before the refactor
     "natural_gradient": ["optimizer=natural_gradient"],
     "optimal_baseline": ["estimator=optimal_baseline"],
     "ddp": ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"],

@@ -16,9 +16,10 @@ from conftest import collect_cartpole, counting_envs
 from test_configs import compose_with
 
 from pg_lightning import functional as F
+from pg_lightning.segments import segment_ids, segment_sum
 from pg_lightning import estimators as E
 from pg_lightning.envs import VectorEnvFactory
-from pg_lightning.gradient import estimate_gradient
+from pg_lightning.analysis import estimate_gradient
 from pg_lightning.module import PolicyGradientModule
 from pg_lightning.off_policy import OffPolicy, importance_loss
 from pg_lightning.policies import mlp_policy
@@ -122,8 +123,8 @@ def test_products_of_500_ratios_stay_finite_in_log_space():
     policy, batch = long_episode_batch(0.3)  # Σ log ρ = ±150: e^150 overflows float32, e^-150 underflows
     naive = batch.logp_behavior.new_tensor(1.35).pow(500)
     assert not torch.isfinite(naive), "a float32 product of 500 ratios of 1.35 is inf: the test is meaningful"
-    log_w = F.segment_sum(F.log_ratio(policy(batch.obs[:-1]).log_prob(batch.act), batch.logp_behavior).detach(),
-                          F.segment_ids(batch.valid, batch.done), 4)
+    log_w = segment_sum(F.log_ratio(policy(batch.obs[:-1]).log_prob(batch.act), batch.logp_behavior).detach(),
+                          segment_ids(batch.valid, batch.done), 4)
     torch.testing.assert_close(log_w, torch.tensor([150.0, -150.0, 150.0, -150.0]), atol=1e-2, rtol=0)
     weights = F.trajectory_weights(log_w)
     assert torch.isfinite(weights).all() and weights[0].item() == pytest.approx(math.exp(log_w[0].item()), rel=1e-6)
