@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = {
     "pg_lightning default": [],
     "pg_lightning +experiment=fast_cartpole": ["+experiment=fast_cartpole"],
-    "pg_lightning off_policy=clipped": ["off_policy=clipped"],
-    "pg_lightning off_policy=clipped env.num_envs=8": ["off_policy=clipped", "env.num_envs=8"],
+    "pg_lightning +experiment=ppo": ["+experiment=ppo"],
+    "pg_lightning +experiment=ppo env.num_envs=8": ["+experiment=ppo", "env.num_envs=8"],
 }
 SB3 = {"SB3 A2C (rl-zoo)": "a2c", "SB3 PPO (rl-zoo)": "ppo"}
 
