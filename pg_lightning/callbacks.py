@@ -75,7 +75,9 @@ class Evaluation(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         module = _pg_module(pl_module)
-        if module.iterations % self.every_n_iterations == 0:
+        # The last iteration (the budget is spent: the module set should_stop) is evaluated here, not at
+        # train end, so that callbacks after this one (ModelCheckpoint) see its score too.
+        if module.iterations % self.every_n_iterations == 0 or trainer.should_stop:
             self._evaluate(trainer, module)
         if not math.isnan(self.return_mean):
             # The latest evaluation in trainer.callback_metrics, for Lightning's own callbacks

@@ -77,7 +77,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
     # progress bar after the evaluation, so that it shows the latest evaluation's return.
     callbacks = [*optimizer_callbacks(module), evaluation, checkpoint, summary]
     if cfg.checkpoint.get("best", False):
-        callbacks.insert(callbacks.index(evaluation) + 1, best_checkpoint(run_dir, cfg.eval.every_n_iterations))
+        callbacks.insert(callbacks.index(evaluation) + 1, best_checkpoint(run_dir))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(EnvStepProgressBar())
     trainer = instantiate(
@@ -98,18 +98,21 @@ def resume_step(ckpt_path: str | None) -> int | None:
     return None if ckpt_path is None else int(check_checkpoint(str(ckpt_path))["global_step"])
 
 
-def best_checkpoint(run_dir: Path, every_n_iterations: int) -> ModelCheckpoint:
+def best_checkpoint(run_dir: Path) -> ModelCheckpoint:
     """Lightning's ``ModelCheckpoint`` keeping ``<run_dir>/best.ckpt``: the policy of the highest ``eval/return_mean``.
 
-    It checks at the iterations the ``Evaluation`` callback evaluates (listed after it), so that it never
-    looks for the metric before the first evaluation.
+    Listed after the ``Evaluation`` callback, it checks every iteration: between evaluations the metric keeps
+    its last value, which is no improvement, so a new best is saved only right after the evaluation that
+    found it (the final one included).
     """
     # It warns about any file in its directory, and the run dir always holds Hydra's .hydra/ (and last.ckpt):
-    # sharing the run dir is the design, so that warning is left out for this directory only.
+    # sharing the run dir is the design, so that warning is left out for this directory only. Before the first
+    # evaluation there is no score to monitor yet: its warning about that is expected too.
     warnings.filterwarnings("ignore", message=rf"Checkpoint directory {re.escape(str(run_dir))} exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='eval/return_mean'\)` could not find the monitored key")
     return ModelCheckpoint(
         dirpath=run_dir, filename="best", monitor="eval/return_mean", mode="max", save_top_k=1,
-        every_n_epochs=every_n_iterations, save_on_train_epoch_end=True, enable_version_counter=False,
+        every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False,
     )
 
 

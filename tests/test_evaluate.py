@@ -88,3 +88,24 @@ def test_lightnings_model_checkpoint_and_early_stopping_see_the_evaluation(tmp_p
     envs.close()
     assert scores["eval/return_mean"] == pytest.approx(expected.mean())
     assert scores["eval/return_std"] == pytest.approx(expected.std())
+
+
+def test_train_keeps_the_best_evaluated_policy_in_best_ckpt_the_final_evaluation_included(tmp_path):
+    import csv
+
+    from test_configs import compose_with
+
+    from pg_lightning.run import train
+
+    run_dir = tmp_path / "run"
+    train(compose_with("logger=csv", "env.num_envs=4", "steps_per_env=64", "total_env_steps=2500",
+                       "stop_on_solve=false", "eval.num_episodes=4", "eval.every_n_iterations=2"), run_dir)
+    with (run_dir / "metrics.csv").open() as f:
+        evaluations = [(float(r["eval/return_mean"]), int(r["step"])) for r in csv.DictReader(f) if r["eval/return_mean"]]
+    checkpoint = torch.load(run_dir / "best.ckpt", weights_only=True)
+    best_score, best_step = max(evaluations, key=lambda e: e[0])  # the first of equal scores is kept
+    assert float(checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "ModelCheckpoint" in k)]
+                 ["best_model_score"]) == best_score
+    assert checkpoint["global_step"] == best_step
+    # The last iteration is evaluated whatever its number (not only multiples of the period).
+    assert evaluations[-1][1] == torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"]
