@@ -10,7 +10,6 @@ their running episodes live in the ``RolloutCollector`` and survive across itera
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
@@ -19,7 +18,7 @@ from gymnasium.vector import VectorEnv
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from pg_lightning.segments import segment_ids, segment_sum
+from pg_lightning.episodes import EpisodeTracker
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.checkpoint import env_state, restore_env_state
 from pg_lightning.envs import check_action_space, to_env_action
@@ -28,19 +27,6 @@ from pg_lightning.validation import positive_int, require
 
 class EnvStepError(RuntimeError):
     """The environment raised while stepping; the message names the env and the env step."""
-
-
-@dataclass
-class EpisodeStats:
-    """Undiscounted returns and lengths of the episodes that ended since the last ``pop``."""
-
-    returns: list[float] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-
-    def pop(self) -> tuple[list[float], list[int]]:
-        returns, lengths = self.returns, self.lengths
-        self.returns, self.lengths = [], []
-        return returns, lengths
 
 
 class RolloutCollector:
@@ -97,15 +83,12 @@ class RolloutCollector:
         self.seed = seed
         self.whole_episodes = whole_episodes
         self.env_steps = 0
-        self.episodes = EpisodeStats()
+        self.episodes = EpisodeTracker(envs.num_envs, gamma)
         num_envs = envs.num_envs
         self._obs: np.ndarray | None = None
         self._first_reset = True
         self._taken_in_batch: np.ndarray | None = None
         self._reset_next = np.zeros(num_envs, dtype=bool)
-        self._ep_return = np.zeros(num_envs)
-        self._ep_disc_return = np.zeros(num_envs)
-        self._ep_length = np.zeros(num_envs, dtype=np.int64)
 
     def collect(self, policy: nn.Module, num_steps: int | None = None) -> RolloutBatch:
         """One batch with actions sampled from ``policy``; ``num_steps`` (default T) steps per env.
@@ -127,15 +110,17 @@ class RolloutCollector:
         storage = _Storage.for_collector(self, policy, capacity=num_steps)
         if self._obs is None:
             self._obs, _ = self.envs.reset(seed=self.seed)
-        return_before = torch.as_tensor(self._ep_disc_return, dtype=torch.float32)
-        length_before = torch.as_tensor(self._ep_length.copy())
+        return_before = torch.as_tensor(self.episodes.discounted_return, dtype=torch.float32)
+        length_before = torch.as_tensor(self.episodes.length.copy())
         with torch.inference_mode():
             for t in range(num_steps):
                 self._policy_step(policy, storage, t)
                 storage.valid[t] = ~self._reset_next
                 self._reset_next = storage.terminated[t] | storage.truncated[t]
         storage.mask_to_valid(num_steps)
-        self._track_episodes(storage.rew[:num_steps], storage.valid[:num_steps], storage.done(num_steps))
+        valid = storage.valid[:num_steps]
+        self.env_steps += int(np.count_nonzero(valid))
+        self.episodes.track(storage.rew[:num_steps], valid, storage.done(num_steps))
         return storage.batch(num_steps, self._obs, storage.valid[:num_steps].sum(0), return_before, length_before)
 
     def _collect_whole_episodes(self, policy: nn.Module, num_steps: int) -> RolloutBatch:
@@ -168,7 +153,7 @@ class RolloutCollector:
                 t += 1
         self._taken_in_batch = None
         storage.mask_to_valid(t)
-        self._record_whole_episodes(storage.rew[:t], storage.valid[:t], storage.done(t))
+        self.episodes.record_whole_episodes(storage.rew[:t], storage.valid[:t], storage.done(t))
         self.env_steps += int(taken.sum())
         zeros = torch.zeros(num_envs)
         return storage.batch(t, self._obs, taken, zeros, zeros.long())
@@ -194,69 +179,6 @@ class RolloutCollector:
         # Raw env outputs; the masks of steps outside the batch's episodes are applied after the loop.
         storage.rew[t], storage.terminated[t], storage.truncated[t] = reward, term, trunc
 
-    def _record_whole_episodes(self, rew: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
-        """Return and length of every episode of a whole-episode batch, env by env in time order.
-
-        Each of the batch's segments is a whole episode (it starts and ends in the batch), so the episode
-        statistics are segment sums.
-        """
-        ids = segment_ids(torch.from_numpy(valid), torch.from_numpy(done))
-        num_episodes = int(ids.max()) + 1 if ids.numel() else 0
-        returns = segment_sum(torch.from_numpy(rew).double(), ids, num_episodes)
-        lengths = segment_sum(torch.ones(ids.shape, dtype=torch.long), ids, num_episodes)
-        self.episodes.returns.extend(returns.tolist())
-        self.episodes.lengths.extend(lengths.tolist())
-
-    def _track_episodes(self, rew: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
-        """Continue the running episodes through a batch ``[T, B]``; record those that ended in it.
-
-        Once per batch, not per step, and without a pass over ``[T, B]`` for lengths: with NEXT_STEP autoreset
-        the invalid steps are exactly the reset steps, the step after each ``done`` (step 0 when the previous
-        batch ended with one). So an episode's length is the distance between its env's consecutive ends
-        less that reset step, and its return a difference of running sums over time. Env b's first episode
-        adds what it had before the batch (``_ep_return``, ``_ep_length``). The steps after env b's last end
-        (its tail) run on into the next batch, which needs their discounted return-so-far Σ_k γ^k r_k, k
-        counted from the episode's first step: the tail's own discounted sum, times γ^(steps before this
-        batch) when the episode began earlier.
-        """
-        num_steps, num_envs = rew.shape
-        envs = np.arange(num_envs)
-        reset_at_0 = ~valid[0]
-        self.env_steps += int(np.count_nonzero(valid))
-        # torch's cumsum over time is several times faster than numpy's on [T, B] (zero-copy views).
-        cum_return = torch.from_numpy(rew).cumsum(0, dtype=torch.float64).numpy()  # [T, B]
-        ended_env, ended_t = np.nonzero(done.T)  # env by env, in time order
-        first = np.ones(len(ended_env), dtype=bool)
-        first[1:] = ended_env[1:] != ended_env[:-1]
-        previous = np.concatenate([[0], ended_t[:-1]])  # the env's previous end, where there is one
-        returns = cum_return[ended_t, ended_env] - np.where(first, 0.0, cum_return[previous, ended_env])
-        lengths = np.where(first, ended_t + 1 - reset_at_0[ended_env], ended_t - previous - 1)
-        returns += np.where(first, self._ep_return[ended_env], 0.0)
-        lengths += np.where(first, self._ep_length[ended_env], 0)
-        self.episodes.returns.extend(returns.tolist())
-        self.episodes.lengths.extend(lengths.tolist())
-        # The tail: valid steps from tail_start (T or T + 1 when the last end is at T - 2 or T - 1: empty).
-        last_done = np.full(num_envs, -1)
-        last_done[ended_env] = ended_t  # ended_t increases within an env, so the last write is the last end
-        any_done = last_done >= 0
-        tail_start = np.where(any_done, last_done + 2, reset_at_0)
-        tail_length = np.maximum(num_steps - tail_start, 0)
-        tail_return = cum_return[-1] - np.where(any_done, cum_return[np.maximum(last_done, 0), envs], 0.0)
-        # Σ_t γ^(t - tail_start) r_t in one gather: k = t - tail_start < 0 (before the tail) indexes the zeros
-        # after γ^0 … γ^(T-1). A lookup, so no γ^-k overflow; int32 k halves the memory traffic. Rows before
-        # the earliest tail start weigh nothing in any env and are skipped.
-        powers = np.zeros(2 * num_steps + 2)
-        powers[:num_steps] = self.gamma ** np.arange(num_steps, dtype=np.float64)
-        from_row = min(int(tail_start.min()), num_steps)
-        k = np.arange(from_row, num_steps, dtype=np.int32)[:, None] - tail_start.astype(np.int32)
-        tail_discounted = np.einsum("tb,tb->b", powers[k], rew[from_row:])
-        began_before = ~any_done
-        self._ep_disc_return = np.where(
-            began_before, self._ep_disc_return + self.gamma ** self._ep_length * tail_discounted, tail_discounted
-        )
-        self._ep_return = np.where(began_before, self._ep_return, 0.0) + tail_return
-        self._ep_length = np.where(began_before, self._ep_length, 0) + tail_length
-
     def state_dict(self) -> dict:
         """The envs' state, their current observations and running episodes, as tensors and numbers only.
 
@@ -267,9 +189,9 @@ class RolloutCollector:
         envs = env_state(self.envs) if self._obs is not None else None
         state = {"envs": envs, "env_steps": self.env_steps}
         if envs is not None:
-            arrays = {"obs": self._obs, "reset_next": self._reset_next, "ep_return": self._ep_return,
-                      "ep_disc_return": self._ep_disc_return, "ep_length": self._ep_length}
+            arrays = {"obs": self._obs, "reset_next": self._reset_next}
             state.update({name: torch.from_numpy(np.array(value)) for name, value in arrays.items()})
+            state.update(self.episodes.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> bool:
@@ -282,8 +204,7 @@ class RolloutCollector:
             return False
         self._first_reset = False  # the envs' random streams continue from the checkpoint
         self._obs, self._reset_next = state["obs"].numpy(), state["reset_next"].numpy()
-        self._ep_return, self._ep_disc_return = state["ep_return"].numpy(), state["ep_disc_return"].numpy()
-        self._ep_length = state["ep_length"].numpy()
+        self.episodes.load_state_dict(state)
         return True
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from conftest import counting_envs
 
 from pg_lightning import PolicyGradientModule, RolloutCollector, RolloutDataset, VectorEnvFactory, collect
 from pg_lightning import functional as F
+from pg_lightning.episodes import EpisodeTracker, reference_episodes
 from pg_lightning.policies import mlp_policy
 
 
@@ -147,25 +148,6 @@ def test_collect_num_steps_and_argument_checks():
         collect(policy, factory, num_steps=10, num_episodes=2)
 
 
-def per_step_reference(batches, gamma):
-    """Episode tracking the slow, obvious way: one step at a time (what the collector's vectorised code must equal)."""
-    num_envs = batches[0][0].shape[1]
-    ret, disc, discount, length = np.zeros(num_envs), np.zeros(num_envs), np.ones(num_envs), np.zeros(num_envs, int)
-    finished, carried = [], []
-    for rew, valid, done in batches:
-        carried.append((disc.copy(), length.copy()))
-        for t in range(rew.shape[0]):
-            r = rew[t] * valid[t]
-            ret += r
-            disc += discount * r
-            discount *= np.where(valid[t], gamma, 1.0)
-            length += valid[t]
-            for b in np.flatnonzero(done[t]):
-                finished.append((b, ret[b], length[b]))
-                ret[b], disc[b], discount[b], length[b] = 0.0, 0.0, 1.0, 0
-    return finished, carried
-
-
 def random_batches(num_batches, num_steps, num_envs, seed):
     """Random rewards and episode ends with NEXT_STEP semantics: the step after a done is invalid."""
     rng = np.random.default_rng(seed)
@@ -188,20 +170,17 @@ def test_vectorised_episode_tracking_equals_the_per_step_reference(num_steps, nu
     """Also T = 1 and 2, where episodes end at T - 1 and T - 2 and the next batch starts with a reset step."""
     gamma = 0.9
     batches = random_batches(num_batches=30, num_steps=num_steps, num_envs=num_envs, seed=seed)
-    collector = RolloutCollector(counting_envs([3]), steps_per_env=1, gamma=gamma)
-    collector._ep_return, collector._ep_disc_return = np.zeros(num_envs), np.zeros(num_envs)
-    collector._ep_length = np.zeros(num_envs, dtype=np.int64)
-    expected_finished, expected_carried = per_step_reference(batches, gamma)
+    tracker = EpisodeTracker(num_envs, gamma)
+    expected_finished, expected_carried = reference_episodes(batches, gamma)
     for (rew, valid, done), (disc_before, length_before) in zip(batches, expected_carried):
-        np.testing.assert_allclose(collector._ep_disc_return, disc_before, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(collector._ep_length, length_before)
-        collector._track_episodes(rew, valid, done)
-    returns, lengths = collector.episodes.pop()
+        np.testing.assert_allclose(tracker.discounted_return, disc_before, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(tracker.length, length_before)
+        tracker.track(rew, valid, done)
+    returns, lengths = tracker.pop()
     assert len(returns) == len(expected_finished) > 20
-    # The collector lists episodes batch by batch, env by env; compare as multisets of (return, length).
+    # The tracker lists episodes batch by batch, env by env; compare as multisets of (return, length).
     expected = sorted((round(r, 4), n) for _, r, n in expected_finished)
     assert sorted(zip(np.round(returns, 4), lengths)) == expected
-    assert collector.env_steps == sum(int(v.sum()) for _, v, _ in batches)
 
 
 @pytest.mark.parametrize("env_id", ["InvertedPendulum-v5", "Pendulum-v1", "Acrobot-v1"])
