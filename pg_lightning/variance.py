@@ -58,9 +58,17 @@ class PolicySnapshots(Callback):
 
 def load_estimator(name: str, gamma: float) -> Estimator:
     """The preset ``conf/estimator/<name>.yaml`` with the run's discount."""
-    cfg = OmegaConf.load(CONF_DIR / "estimator" / f"{name}.yaml")
+    cfg = estimator_config(name)
     cfg.gamma = gamma
     return instantiate(cfg)
+
+
+def estimator_config(name: str) -> DictConfig:
+    """``conf/estimator/<name>.yaml`` merged over the files its defaults list extends, as Hydra composes it
+    (the file's own keys last)."""
+    cfg = OmegaConf.load(CONF_DIR / "estimator" / f"{name}.yaml")
+    bases = [estimator_config(base) for base in cfg.pop("defaults", [])]
+    return OmegaConf.merge(*bases, cfg) if bases else cfg
 
 
 def fit_value_function(

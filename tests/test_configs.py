@@ -108,7 +108,12 @@ def test_estimator_and_trainer_files_inherit_from_one_base():
         text = (CONF_DIR / "estimator" / f"{name}.yaml").read_text()
         if name != "reinforce":
             assert "defaults:" in text and "_target_: pg_lightning.estimators" not in text, name
-        assert instantiate(compose_with(f"estimator={name}").estimator).name == name
+        composed = instantiate(compose_with(f"estimator={name}").estimator)
+        assert composed.name == name
+        # The variance tool reads the files without Hydra: it must resolve the inheritance the same way.
+        from pg_lightning.variance import load_estimator
+
+        assert load_estimator(name, composed.gamma) == composed
     assert "defaults:\n  - default" in (CONF_DIR / "trainer" / "ddp.yaml").read_text()
 
 
