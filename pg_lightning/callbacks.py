@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -22,7 +24,7 @@ from pg_lightning.validation import positive_int, require
 
 
 class Evaluation(Callback):
-    """Every ``every_n_iterations``, run ``num_episodes`` deterministic episodes on separate envs.
+    """Every ``every_n_iterations``, run the module's ``eval_episodes`` deterministic episodes on separate envs.
 
     Logs ``eval/return_mean``, ``eval/return_std`` and, to W&B, the histogram ``eval/returns``; the latest
     ``eval/return_mean`` is also in ``trainer.callback_metrics`` after every iteration from the first evaluation
@@ -32,7 +34,6 @@ class Evaluation(Callback):
 
     Args:
         every_n_iterations: evaluate after every n-th iteration.
-        num_episodes: episodes per evaluation, one per eval env.
         stop_on_solve: stop training when the eval mean reaches the reward threshold.
         seed: seed of the eval envs' first reset (later evaluations continue their RNG streams).
         video: an mp4 path: at the end of training, render one deterministic episode, write it there and,
@@ -43,15 +44,12 @@ class Evaluation(Callback):
     def __init__(
         self,
         every_n_iterations: int = 5,
-        num_episodes: int = 20,
         stop_on_solve: bool = True,
         seed: int = 10_000,
         video: str | Path | None = None,
     ):
         require("eval.every_n_iterations", every_n_iterations, positive_int, "a positive integer")
-        require("eval.num_episodes", num_episodes, positive_int, "a positive integer")
         self.every_n_iterations = every_n_iterations
-        self.num_episodes = num_episodes
         self.stop_on_solve = stop_on_solve
         self.seed = seed
         self.video = None if video is None else Path(video)
@@ -65,7 +63,7 @@ class Evaluation(Callback):
         module = _pg_module(pl_module)
         self.reward_threshold = module.env.reward_threshold
         if self.envs is None:
-            self.envs = module.env.make(num_envs=self.num_episodes)
+            self.envs = module.env.make(num_envs=module.eval_episodes)
             self._next_seed: int | None = self.seed
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -220,6 +218,38 @@ class RunSummary(Callback):
             "checkpoint": str(self.checkpoint) if self.checkpoint is not None and self.checkpoint.exists() else None,
         }
         return summary
+
+
+class KeepInterrupts(Callback):
+    """Ctrl-C is never lost: a SIGINT that Python turned into a swallowed exception is raised again.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread happens to be. Inside a finalizer
+    (``__del__``) or a weakref callback it is printed as "Exception ignored" and the run goes on, here for the
+    rest of its budget. During ``fit`` this callback's SIGINT handler records the signal before raising, and
+    the end of every iteration raises it again if it was swallowed; Lightning then saves and stops as usual.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # After an interrupt Lightning ignores SIGINT for its shutdown: leave its setting then.
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
 
 
 class CrashSafeCheckpoint(Callback):

@@ -21,11 +21,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pg_lightning.callbacks import CrashSafeCheckpoint, Evaluation, RunSummary
+from pg_lightning.callbacks import CrashSafeCheckpoint, Evaluation, KeepInterrupts, RunSummary
 from pg_lightning.checkpoint import check_checkpoint
 from pg_lightning.console import EnvStepProgressBar, quiet_libraries
 from pg_lightning.module import PolicyGradientModule
-from pg_lightning.natural_gradient import NaturalGradient, check_trainer
+from pg_lightning.natural_gradient import NaturalGradient
 from pg_lightning.run_dir import RunDirCSVLogger, register_resolvers
 from pg_lightning.threads import DEFAULT_TORCH_THREADS
 from pg_lightning.validation import ConfigError, validate_config
@@ -58,14 +58,14 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
         quiet_libraries()
     validate_config(cfg)
     try:
+        # The callbacks first: their constructors check their keys before the module makes an env.
+        video = run_dir / "video.mp4" if cfg.get("video") else None
+        evaluation = Evaluation(cfg.eval.every_n_iterations, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000,
+                                video=video)
+        checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
         module = make_module(cfg)
-        if optimizer_callbacks(module) and cfg.trainer.get("gradient_clip_val"):
-            check_trainer(cfg.trainer)
         tags = [module.env.id, module.estimator.name, f"off_policy={module.off_policy.kind}"]
         loggers = make_loggers(cfg.logger, run_dir, tags, quiet=quiet, resume_step=resume_step(cfg.get("ckpt_path")))
-        video = run_dir / "video.mp4" if cfg.get("video") else None
-        evaluation = Evaluation(**cfg.eval, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000, video=video)
-        checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
     except Exception as error:  # noqa: BLE001 - turned into one line for the user, see _root_message
         message = _root_message(error)
         if message is None:
@@ -75,7 +75,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
     summary = RunSummary(run_dir / "summary.json", evaluation, metrics_csv=metrics_csv, checkpoint=checkpoint.path)
     # Order matters at the end of a run: final evaluation, then the checkpoint, then the summary; the
     # progress bar after the evaluation, so that it shows the latest evaluation's return.
-    callbacks = [*optimizer_callbacks(module), evaluation, checkpoint, summary]
+    callbacks = [*optimizer_callbacks(module), evaluation, checkpoint, summary, KeepInterrupts()]
     if cfg.checkpoint.get("best", False):
         callbacks.insert(callbacks.index(evaluation) + 1, best_checkpoint(run_dir))
     if cfg.trainer.get("enable_progress_bar", True):

@@ -204,6 +204,22 @@ def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path):
     assert stderr.strip().splitlines()[-1].endswith(f"ckpt_path={run_dir}/last.ckpt")
 
 
+def test_a_ctrl_c_swallowed_by_a_finalizer_is_raised_again_at_the_end_of_the_iteration():
+    """Python prints and drops an exception raised inside __del__: a Ctrl-C that lands there must not be lost."""
+    from pg_lightning.callbacks import KeepInterrupts
+
+    guard = KeepInterrupts()
+    guard.on_train_batch_end(None, None, None, None, 0)  # nothing requested: the iteration ends normally
+
+    class Finalized:
+        def __del__(self):
+            guard._on_sigint(signal.SIGINT, None)  # the signal arrives while a finalizer runs
+
+    Finalized()  # its KeyboardInterrupt is printed as "Exception ignored" and dropped
+    with pytest.raises(KeyboardInterrupt):
+        guard.on_train_batch_end(None, None, None, None, 0)
+
+
 TRAINING_COLUMNS = ("rollout/env_steps", "rollout/return_mean", "rollout/episodes", "loss/policy", "loss/value",
                     "diag/entropy", "diag/ess")
 
@@ -241,7 +257,7 @@ def test_the_crash_handler_writes_a_summary_even_when_a_figure_cannot_be_compute
 
     module = PolicyGradientModule(VectorEnvFactory("CartPole-v1", num_envs=2), steps_per_env=32, max_iterations=3)
     module.env.reward_threshold = "abc"
-    evaluation = Evaluation(every_n_iterations=1, num_episodes=2)
+    evaluation = Evaluation(every_n_iterations=1)
     summary = RunSummary(tmp_path / "summary.json", evaluation)
     trainer = L.Trainer(max_epochs=-1, accelerator="cpu", logger=False, callbacks=[evaluation, summary],
                         enable_progress_bar=False, enable_model_summary=False)
