@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import VectorEnv
 
-from pg_lightning.validation import positive_int, require
+from pg_lightning.validation import finite_number, positive_int, require
 
 
 @dataclass
@@ -59,6 +59,8 @@ class VectorEnvFactory:
             raise ValueError(f"env.id {self.id!r} is not a registered gymnasium environment{hint}")
         if self.reward_threshold is None:
             self.reward_threshold = gym.spec(self.id).reward_threshold
+        else:
+            require("env.reward_threshold", self.reward_threshold, finite_number, "a number or null")
         if self.max_episode_steps is not None:
             require("env.max_episode_steps", self.max_episode_steps, positive_int, "a positive integer or null")
 

@@ -41,9 +41,9 @@ from pg_lightning.natural_gradient import NaturalGradient
 from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import check_policy, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
-from pg_lightning.threads import DEFAULT_TORCH_THREADS, set_torch_threads
+from pg_lightning.threads import DEFAULT_TORCH_THREADS, check_torch_threads, set_torch_threads
 from pg_lightning.validation import positive_int, require
-from pg_lightning.update import GuardedStep, Precondition, SkipCounter, update_policy
+from pg_lightning.update import GuardedStep, Precondition, SkipCounter, check_gradient_clipping, update_policy
 from pg_lightning.value import ValueFunction, fit_value, value_optimizer
 
 PolicyFactory = Callable[[gym.Space, gym.Space], nn.Module]
@@ -99,15 +99,22 @@ class PolicyGradientModule(LightningModule):
         eval_episodes: int = 20,
     ):
         super().__init__()
-        if torch_threads is not None:
-            require("torch_threads", torch_threads, positive_int, "a positive integer or null")
+        check_torch_threads(torch_threads)
         self.torch_threads = torch_threads
         require("steps_per_env", steps_per_env, positive_int, "a positive integer")
         if total_env_steps is not None:
             require("total_env_steps", total_env_steps, positive_int, "a positive integer")
         if max_iterations is not None:
             require("max_iterations", max_iterations, positive_int, "a positive integer or null")
+        require("eval.num_episodes", eval_episodes, positive_int, "a positive integer")
+        if grad_variance_groups is not None:
+            require("diagnostics.groups", grad_variance_groups, lambda v: positive_int(v) and v >= 2,
+                    "an integer of at least 2")
+        require("max_skipped_updates", max_skipped_updates, positive_int, "a positive integer")
+        if whole_episodes not in (None, True, False):
+            raise ValueError(f"whole_episodes must be true, false or null, got {whole_episodes!r}")
         self.max_iterations = max_iterations
+        # Every argument above is checked before the env is made (spaces() makes one).
         self.env = env if isinstance(env, VectorEnvFactory) else VectorEnvFactory(id=env)
         observation_space, action_space = self.env.spaces()
         check_action_space(action_space)
@@ -129,12 +136,8 @@ class PolicyGradientModule(LightningModule):
         self.steps_per_env = steps_per_env
         self.total_env_steps = total_env_steps
         self.seed = seed
-        require("eval.num_episodes", eval_episodes, positive_int, "a positive integer")
         self.eval_episodes = eval_episodes
-        if grad_variance_groups is not None:
-            require("diagnostics.groups", grad_variance_groups, lambda v: positive_int(v) and v >= 2, "at least 2")
         self.grad_variance_groups = grad_variance_groups
-        require("max_skipped_updates", max_skipped_updates, positive_int, "a positive integer")
         self.skips = SkipCounter(max_skipped_updates, where=self._position)
         self.collector: RolloutCollector | None = None
         self.reduction = LOCAL  # all-reduces of batch statistics once a multi-process run is set up
@@ -199,6 +202,8 @@ class PolicyGradientModule(LightningModule):
             )
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            check_gradient_clipping(self.trainer.gradient_clip_val, isinstance(self.optimizer_factory, NaturalGradient))
         if stage == "fit" and self._trainer is not None and self.trainer.limit_val_batches != 0:
             # During training the Evaluation callback evaluates, on its own schedule (iterations, not
             # Lightning epochs); the validation loop is for trainer.validate. teardown() gives it back.

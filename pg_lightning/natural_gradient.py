@@ -45,8 +45,7 @@ class NaturalGradient(Callback):
     """Natural-gradient steps with a KL radius for ``PolicyGradientModule``; see the module doc.
 
     Pass the same object as the module's ``optimizer=`` and in the trainer's ``callbacks``: as a callback it
-    only checks, at setup, that the trainer would not undo its step (gradient clipping) and that it is the
-    module's optimizer.
+    only checks, at setup, that it is the module's optimizer (the module refuses gradient clipping).
 
     Args:
         max_kl: δ, the KL radius of a step (mean KL between the batch's old and new policies).
@@ -66,8 +65,8 @@ class NaturalGradient(Callback):
         backtrack_ratio: float = 0.5,
         max_backtracks: int = 10,
     ):
-        require("optimizer.max_kl", max_kl, positive_number, "positive")
-        require("optimizer.damping", damping, non_negative, "non-negative")
+        require("optimizer.max_kl", max_kl, positive_number, "a positive number")
+        require("optimizer.damping", damping, non_negative, "a non-negative number")
         require("optimizer.cg_iters", cg_iters, positive_int, "a positive integer")
         require("optimizer.backtrack_ratio", backtrack_ratio, lambda v: positive_number(v) and v < 1, "in (0, 1)")
         require("optimizer.max_backtracks", max_backtracks, positive_int, "a positive integer")
@@ -86,7 +85,6 @@ class NaturalGradient(Callback):
     # --- Lightning hooks -------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        check_trainer(trainer)
         if getattr(pl_module, "optimizer_factory", None) is not self:
             raise ValueError(
                 "NaturalGradient must also be the module's optimizer: PolicyGradientModule(..., optimizer=ng) "
@@ -138,17 +136,6 @@ class NaturalGradient(Callback):
                 return candidate, stats
         stats.update(kl=0.0, backtracks=float(self.max_backtracks), improvement=0.0)
         return torch.zeros_like(full_step), stats
-
-
-def check_trainer(trainer: Trainer) -> None:
-    """Refuse trainer settings that would silently undo the natural-gradient step."""
-    clip = getattr(trainer, "gradient_clip_val", None)
-    if clip:
-        raise ValueError(
-            f"trainer.gradient_clip_val={clip} cannot be combined with optimizer=natural_gradient: clipping would "
-            "rescale the natural-gradient step after it was sized to the KL radius; bound the step with "
-            "optimizer.max_kl instead and leave gradient_clip_val unset"
-        )
 
 
 def fisher_vector_product(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, damping: float, reduce=lambda t: t):

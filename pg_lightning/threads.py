@@ -22,12 +22,17 @@ from pg_lightning.validation import positive_int, require
 DEFAULT_TORCH_THREADS = 1
 
 
+def check_torch_threads(threads: int | None, key: str = "torch_threads") -> None:
+    """Refuse a thread count that is neither a positive integer nor ``None`` (torch's default)."""
+    if threads is not None:
+        require(key, threads, positive_int, "a positive integer or null (torch's default: one per core)")
+
+
 def set_torch_threads(threads: int | None, key: str = "torch_threads") -> None:
     """Use ``threads`` intra-op threads in this process from now on; ``None`` leaves torch's setting alone."""
-    if threads is None:
-        return
-    require(key, threads, positive_int, "a positive integer or null (torch's default: one per core)")
-    torch.set_num_threads(threads)
+    check_torch_threads(threads, key)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 @contextmanager

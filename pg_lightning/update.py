@@ -105,6 +105,24 @@ class GuardedStep:
         return False
 
 
+def check_gradient_clipping(clip: float | None, natural_gradient: bool) -> None:
+    """Refuse ``trainer.gradient_clip_val``: the updates here step their optimizers themselves (manual
+    optimization), where Lightning does not clip; and clipping a natural-gradient step would rescale it after
+    it was sized to the KL radius. The one copy of this rule (configs: ``validate_config``; Python: ``setup``)."""
+    if not clip:
+        return
+    if natural_gradient:
+        raise ValueError(
+            f"trainer.gradient_clip_val={clip} cannot be combined with optimizer=natural_gradient: clipping would "
+            "rescale the natural-gradient step after it was sized to the KL radius; bound the step with "
+            "optimizer.max_kl instead and leave gradient_clip_val unset"
+        )
+    raise ValueError(
+        f"trainer.gradient_clip_val={clip} is not supported: PolicyGradientModule steps its optimizers itself "
+        "(manual optimization), where Lightning does not clip; leave it unset"
+    )
+
+
 # The natural gradient's hook: (batch, its on-policy loss) -> its statistics; it rewrites the policy's .grad.
 Precondition = Callable[[RolloutBatch, PolicyLoss], dict[str, float]]
 

@@ -1,7 +1,10 @@
-"""Check a composed config before anything is built: one clear line per problem, naming key and value.
+"""The rules that span config groups, and the one message format of every refused value.
 
-The constructors validate their own arguments too (for plain-Python use); this pass runs first so that a
-bad value is refused before any env is created or any time is spent.
+Each object validates its own fields in its constructor (``require``), for configs and plain Python alike;
+``run.build`` constructs them before any env is made. ``validate_config`` adds what no constructor can see:
+rules across groups (a budget smaller than one batch, gradient clipping with this optimizer, a video without
+its extra), run-level keys (``seed``, ``verbose``, ``ckpt_path``, the accelerator), and the optimizer's own
+arguments (built once on a dummy parameter). One line per problem, naming key and value.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -41,15 +44,15 @@ def non_negative_int(value: Any) -> bool:
 
 
 def positive_number(value: Any) -> bool:
-    return _is_number(value) and value > 0
+    return finite_number(value) and value > 0
 
 
 def unit_interval(value: Any) -> bool:
-    return _is_number(value) and 0.0 <= value <= 1.0
+    return finite_number(value) and 0.0 <= value <= 1.0
 
 
 def non_negative(value: Any) -> bool:
-    return _is_number(value) and value >= 0
+    return finite_number(value) and value >= 0
 
 
 def require(key: str, value: Any, check: Callable[[Any], bool], expected: str, error: type = ValueError) -> None:
@@ -61,37 +64,14 @@ def require(key: str, value: Any, check: Callable[[Any], bool], expected: str, e
 # Integer keys where an integer-valued float (``total_env_steps=1e6``) is accepted and converted.
 INTEGER_KEYS = ("total_env_steps", "steps_per_env", "max_iterations", "env.num_envs", "env.max_episode_steps")
 
-# key -> (check, what a valid value is). Keys that a config does not have are skipped.
+# Run-level keys that no constructor owns: key -> (check, what a valid value is). Every other key is checked
+# by the constructor of its object (VectorEnvFactory, Estimator, ValueFunctionConfig, OffPolicy,
+# NaturalGradient, PolicyGradientModule, Evaluation, CrashSafeCheckpoint), which run.build calls before any
+# env is made; this module keeps only these and the rules that span groups.
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (_is_int, "an integer"),
-    "total_env_steps": (positive_int, "a positive integer"),
-    "steps_per_env": (positive_int, "a positive integer"),
-    "max_iterations": (lambda v: v is None or positive_int(v), "a positive integer or null"),
-    "max_skipped_updates": (positive_int, "a positive integer"),
-    "env.num_envs": (positive_int, "a positive integer"),
-    "env.max_episode_steps": (lambda v: v is None or positive_int(v), "a positive integer or null"),
-    "env.reward_threshold": (lambda v: v is None or _is_number(v), "a number or null"),
-    "whole_episodes": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "seed": (_is_int, "an integer"),  # seed_everything runs before the module that would check it
     "verbose": (lambda v: isinstance(v, bool), "true or false"),
-    "torch_threads": (lambda v: v is None or positive_int(v), "a positive integer or null (torch's default: one per core)"),
-    "estimator.gamma": (unit_interval, "in [0, 1]"),
-    "estimator.gae_lambda": (unit_interval, "in [0, 1]"),
-    "estimator.value.lr": (positive_number, "a positive number"),
-    "estimator.value.steps": (positive_int, "a positive integer"),
-    "optimizer.lr": (positive_number, "a positive number"),
-    "optimizer.max_kl": (positive_number, "a positive number"),
-    "optimizer.damping": (non_negative, "a non-negative number"),
-    "optimizer.cg_iters": (positive_int, "a positive integer"),
-    "off_policy.clip_ratio": (positive_number, "a positive number"),
-    "off_policy.kl_coef": (non_negative, "a non-negative number"),
-    "off_policy.reuse_batches": (non_negative_int, "a non-negative integer"),
-    "off_policy.updates_per_batch": (positive_int, "a positive integer"),
-    "off_policy.minibatches": (positive_int, "a positive integer"),
-    "off_policy.truncate": (lambda v: v is None or positive_number(v), "a positive number or null"),
-    "eval.every_n_iterations": (positive_int, "a positive integer"),
-    "eval.num_episodes": (positive_int, "a positive integer"),
-    "checkpoint.every_n_iterations": (positive_int, "a positive integer"),
-    "diagnostics.groups": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2"),
+    "optimizer.lr": (positive_number, "a positive number"),  # torch's optimizers accept lr=0
 }
 
 
@@ -107,23 +87,22 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is not _MISSING:  # _MISSING: the config has no such key (or its parent is null)
             require(key, value, check, expected, error=ConfigError)
-    for key in ("policy.hidden_sizes", "estimator.value.hidden_sizes"):
-        sizes = OmegaConf.select(cfg, key, default=None)
-        if sizes is not None and not all(positive_int(size) for size in sizes):
-            raise ConfigError(f"{key} must be a list of positive integers, got {list(sizes)}")
-    batch = cfg.steps_per_env * cfg.env.num_envs
-    if cfg.total_env_steps < batch:
+    sizes = OmegaConf.select(cfg, "policy.hidden_sizes", default=None)  # the policy is built after the env
+    if sizes is not None and not all(positive_int(size) for size in sizes):
+        raise ConfigError(f"policy.hidden_sizes must be a list of positive integers, got {list(sizes)}")
+    steps, envs, budget = cfg.steps_per_env, cfg.env.num_envs, cfg.total_env_steps
+    if positive_int(steps) and positive_int(envs) and positive_int(budget) and budget < steps * envs:
         raise ConfigError(
-            f"total_env_steps={cfg.total_env_steps} is smaller than one batch "
-            f"(steps_per_env={cfg.steps_per_env} x env.num_envs={cfg.env.num_envs} = {batch})"
+            f"total_env_steps={budget} is smaller than one batch "
+            f"(steps_per_env={steps} x env.num_envs={envs} = {steps * envs})"
         )
-    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
+    from pg_lightning.update import check_gradient_clipping  # torch: only when a config is checked
+
     natural_gradient = str(OmegaConf.select(cfg, "optimizer._target_", default="")).endswith("NaturalGradient")
-    if clip and not natural_gradient:  # the natural gradient refuses it with its own reason (run.build)
-        raise ConfigError(
-            f"trainer.gradient_clip_val={clip} is not supported: PolicyGradientModule steps its optimizers itself "
-            "(manual optimization), where Lightning does not clip; leave it unset"
-        )
+    try:
+        check_gradient_clipping(OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None), natural_gradient)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if cfg.get("video", False) and importlib.util.find_spec("moviepy") is None:
         raise ConfigError(
             "video=true needs the rendering extra to encode videos (moviepy is not installed): "

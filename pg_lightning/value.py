@@ -36,8 +36,10 @@ class ValueFunctionConfig:
     steps: int = 25
 
     def __post_init__(self) -> None:
-        require("estimator.value.lr", self.lr, positive_number, "positive")
+        require("estimator.value.lr", self.lr, positive_number, "a positive number")
         require("estimator.value.steps", self.steps, positive_int, "a positive integer")
+        if not all(positive_int(size) for size in self.hidden_sizes):
+            raise ValueError(f"estimator.value.hidden_sizes must be a list of positive integers, got {list(self.hidden_sizes)}")
 
 
 class ValueFunction(nn.Module):

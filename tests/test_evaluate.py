@@ -64,8 +64,9 @@ def test_lightnings_model_checkpoint_and_early_stopping_see_the_evaluation(tmp_p
     from pg_lightning import Evaluation, VectorEnvFactory
 
     L.seed_everything(0, verbose=False)
-    module = PolicyGradientModule(VectorEnvFactory("CartPole-v1", num_envs=4), steps_per_env=64, total_env_steps=50_000)
-    evaluation = Evaluation(every_n_iterations=2, num_episodes=4, stop_on_solve=False)
+    module = PolicyGradientModule(VectorEnvFactory("CartPole-v1", num_envs=4), steps_per_env=64, total_env_steps=50_000,
+                                  eval_episodes=4)
+    evaluation = Evaluation(every_n_iterations=2, stop_on_solve=False)
     best = ModelCheckpoint(dirpath=tmp_path, monitor="eval/return_mean", mode="max", save_top_k=1)
     # strict=False: before the first evaluation there is nothing to monitor yet.
     early = EarlyStopping(monitor="eval/return_mean", mode="max", stopping_threshold=30.0, patience=10_000, strict=False)

@@ -9,7 +9,7 @@ from test_configs import compose_with
 from pg_lightning import NaturalGradient, VectorEnvFactory, collect, estimators, mlp_policy
 from pg_lightning.linalg import conjugate_gradient
 from pg_lightning.gradient import policy_loss
-from pg_lightning.natural_gradient import check_trainer, fisher_vector_product, measured_kl
+from pg_lightning.natural_gradient import fisher_vector_product, measured_kl
 from pg_lightning.run import ConfigError, train
 
 
@@ -91,7 +91,7 @@ def test_kl_of_a_step_stays_near_the_radius_and_within_it_with_line_search():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"max_kl": 0.0}, "optimizer.max_kl must be positive"), ({"cg_iters": 0}, "optimizer.cg_iters"),
+    [({"max_kl": 0.0}, "optimizer.max_kl must be a positive number, got 0.0"), ({"cg_iters": 0}, "optimizer.cg_iters"),
      ({"damping": -1.0}, "optimizer.damping")],
 )
 def test_nonsensical_settings_are_refused(kwargs, message):
@@ -104,11 +104,14 @@ def test_gradient_clipping_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.gradient_clip_val=0.5 cannot be combined .* optimizer.max_kl"):
         train(cfg, tmp_path)
 
-    class FakeTrainer:
-        gradient_clip_val = 1.0
+    # From Python the module applies the same rule when a trainer sets it up (update.check_gradient_clipping).
+    from pg_lightning.update import check_gradient_clipping
 
-    with pytest.raises(ValueError, match="gradient_clip_val=1.0"):
-        check_trainer(FakeTrainer())
+    with pytest.raises(ValueError, match="gradient_clip_val=1.0 cannot be combined with optimizer=natural_gradient"):
+        check_gradient_clipping(1.0, natural_gradient=True)
+    with pytest.raises(ValueError, match="gradient_clip_val=1.0 is not supported"):
+        check_gradient_clipping(1.0, natural_gradient=False)
+    check_gradient_clipping(None, natural_gradient=True)  # unset: nothing to refuse
 
 
 def test_training_with_natural_gradient_keeps_the_value_optimizer(tmp_path):
