@@ -89,15 +89,20 @@ def node_main(out_path: str, run_dir: str, cases: list[str]) -> None:
 
         module.collect_batch = half_batch
         policy_grads = []
-        guarded_step = module._guarded_step
+        guarded_steps = module._guarded_steps
 
-        def recording_step(optimizer, loss, model, module=module, guarded_step=guarded_step, grads=policy_grads):
-            stepped = guarded_step(optimizer, loss, model)
-            if model is module.policy:  # .grad after DDP's all-reduce, as the optimizer stepped with it
-                grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).tolist())
-            return stepped
+        def recording_steps(module=module, guarded_steps=guarded_steps, grads=policy_grads):
+            policy_step, value_step = guarded_steps()
 
-        module._guarded_step = recording_step
+            def recording_policy_step(loss, before_step=None):
+                stepped = policy_step(loss, before_step)
+                # .grad after DDP's all-reduce, as the optimizer stepped with it
+                grads.append(torch.cat([p.grad.flatten() for p in module.policy.parameters()]).tolist())
+                return stepped
+
+            return recording_policy_step, value_step
+
+        module._guarded_steps = recording_steps
         trainer.fit(module)
         environment = trainer.strategy.cluster_environment
         results[name] = {
