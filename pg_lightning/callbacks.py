@@ -24,9 +24,11 @@ from pg_lightning.validation import positive_int, require
 
 
 class Evaluation(Callback):
-    """Every ``every_n_iterations``, run the module's ``eval_episodes`` deterministic episodes on separate envs.
+    """Every ``every_n_iterations`` (or ``every_n_env_steps``), run the module's ``eval_episodes`` deterministic
+    episodes on separate envs.
 
-    Logs ``eval/return_mean``, ``eval/return_std`` and, to W&B, the histogram ``eval/returns``; the latest
+    Logs ``eval/return_mean``, ``eval/return_std``, what the evaluation took (``perf/eval_s``; the run's total
+    is ``eval_s`` in summary.json) and, to W&B, the histogram ``eval/returns``; the latest
     ``eval/return_mean`` is also in ``trainer.callback_metrics`` after every iteration from the first evaluation
     on, so that ``ModelCheckpoint`` and ``EarlyStopping`` can monitor it (list them after this callback). With
     ``stop_on_solve``, training ends once the mean reaches the env's ``reward_threshold`` (CartPole-v1:
@@ -34,6 +36,9 @@ class Evaluation(Callback):
 
     Args:
         every_n_iterations: evaluate after every n-th iteration.
+        every_n_env_steps: if set, evaluate instead after the first iteration that passes each multiple of
+            this many env steps: a schedule that does not depend on the batch size (small batches would
+            otherwise spend most of the run evaluating).
         stop_on_solve: stop training when the eval mean reaches the reward threshold.
         seed: seed of the eval envs' first reset (later evaluations continue their RNG streams).
         video: an mp4 path: at the end of training, render one deterministic episode, write it there and,
@@ -47,15 +52,21 @@ class Evaluation(Callback):
         stop_on_solve: bool = True,
         seed: int = 10_000,
         video: str | Path | None = None,
+        every_n_env_steps: int | None = None,
     ):
         require("eval.every_n_iterations", every_n_iterations, positive_int, "a positive integer")
+        if every_n_env_steps is not None:
+            require("eval.every_n_env_steps", every_n_env_steps, positive_int, "a positive integer or null")
         self.every_n_iterations = every_n_iterations
+        self.every_n_env_steps = every_n_env_steps
         self.stop_on_solve = stop_on_solve
         self.seed = seed
         self.video = None if video is None else Path(video)
         self.envs = None
         self.return_mean = math.nan
         self.evaluated_at_iteration = 0
+        self.evaluated_at_env_steps = 0
+        self.eval_s = 0.0  # wall time spent evaluating, over the run
         self.solved_at_env_steps: int | None = None
         self.reward_threshold: float | None = None
 
@@ -75,7 +86,7 @@ class Evaluation(Callback):
         module = _pg_module(pl_module)
         # The last iteration (the budget is spent: the module set should_stop) is evaluated here, not at
         # train end, so that callbacks after this one (ModelCheckpoint) see its score too.
-        if module.iterations % self.every_n_iterations == 0 or trainer.should_stop:
+        if self._due(module) or trainer.should_stop:
             self._evaluate(trainer, module)
         if not math.isnan(self.return_mean):
             # The latest evaluation in trainer.callback_metrics, for Lightning's own callbacks
@@ -104,17 +115,28 @@ class Evaluation(Callback):
                 logger.log_metrics({"eval/video": video, "rollout/env_steps": float(module.env_steps)},
                                    step=trainer.global_step)
 
+    def _due(self, module: PolicyGradientModule) -> bool:
+        if self.every_n_env_steps is None:
+            return module.iterations % self.every_n_iterations == 0
+        every = self.every_n_env_steps
+        return module.env_steps // every > self.evaluated_at_env_steps // every
+
     def _evaluate(self, trainer: Trainer, module: PolicyGradientModule) -> None:
+        start = time.perf_counter()
         returns = evaluate_policy(module.policy, self.envs, seed=self._next_seed)
+        elapsed = time.perf_counter() - start
+        self.eval_s += elapsed
         self._next_seed = None
         self.return_mean = float(returns.mean())
         self.evaluated_at_iteration = module.iterations
+        self.evaluated_at_env_steps = module.env_steps
         solved = self.reward_threshold is not None and self.return_mean >= self.reward_threshold
         if solved and self.solved_at_env_steps is None:
             self.solved_at_env_steps = module.env_steps
         metrics = {
             "eval/return_mean": self.return_mean,
             "eval/return_std": float(returns.std()),
+            "perf/eval_s": elapsed,
             "rollout/env_steps": float(module.env_steps),
         }
         # Logged through the loggers directly: this also runs in on_train_end, where self.log is not allowed.
@@ -132,12 +154,16 @@ class Evaluation(Callback):
         return {
             "return_mean": self.return_mean,
             "evaluated_at_iteration": self.evaluated_at_iteration,
+            "evaluated_at_env_steps": self.evaluated_at_env_steps,
+            "eval_s": self.eval_s,
             "solved_at_env_steps": self.solved_at_env_steps,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.return_mean = state_dict["return_mean"]
         self.evaluated_at_iteration = state_dict["evaluated_at_iteration"]
+        self.evaluated_at_env_steps = state_dict.get("evaluated_at_env_steps", 0)  # older checkpoints lack them
+        self.eval_s = state_dict.get("eval_s", 0.0)
         self.solved_at_env_steps = state_dict["solved_at_env_steps"]
 
     @property
@@ -211,6 +237,7 @@ class RunSummary(Callback):
             "env_steps_per_s": round(module.env_steps / wall_s, 1) if wall_s > 0 else None,
             "train_return_mean": _finite_or_none(module.train_return_mean),
             "eval_return_mean": _finite_or_none(evaluation.return_mean) if evaluation else None,
+            "eval_s": round(evaluation.eval_s, 3) if evaluation else None,
             "reward_threshold": module.env.reward_threshold,
             "solved": evaluation.solved if evaluation else False,
             "solved_at_env_steps": evaluation.solved_at_env_steps if evaluation else None,

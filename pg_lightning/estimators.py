@@ -142,10 +142,11 @@ class Estimator:
                 raise ValueError(f"estimator {self.name!r} needs the values V(obs) of the batch")
             mask = batch.valid
             weights = F.generalized_advantages(batch.rew, values, batch.terminated, done, self.gamma, self.gae_lambda)
-            returns = weights if self.gae_lambda == 1.0 else F.generalized_advantages(
+            lambda_targets = self.value is not None and self.value.targets == "lambda_returns"
+            returns = weights if self.gae_lambda == 1.0 or lambda_targets else F.generalized_advantages(
                 batch.rew, values, batch.terminated, done, self.gamma, 1.0
             )
-            value_targets = returns + values[:-1]
+            value_targets = returns + values[:-1]  # Q̂_t (λ = 1) or the λ-return A_t^λ + V(s_t)
         else:
             mask = batch.valid & F.ends_in_batch(done)
             if self.reward_to_go:

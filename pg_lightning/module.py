@@ -18,6 +18,7 @@ so Lightning's ``gradient_clip_val`` does not apply.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -38,11 +39,12 @@ from pg_lightning.distributed import LOCAL, reduction_for
 from pg_lightning.estimators import Estimator
 from pg_lightning.evaluation import evaluate_policy
 from pg_lightning.natural_gradient import NaturalGradient
+from pg_lightning.normalization import NormalizedObservations, RewardScaler
 from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import check_policy, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.threads import DEFAULT_TORCH_THREADS, check_torch_threads, set_torch_threads
-from pg_lightning.validation import positive_int, require
+from pg_lightning.validation import non_negative, positive_int, positive_number, require
 from pg_lightning.update import GuardedStep, Precondition, SkipCounter, check_gradient_clipping, update_policy
 from pg_lightning.value import ValueFunction, fit_value, value_optimizer
 
@@ -77,6 +79,16 @@ class PolicyGradientModule(LightningModule):
         torch_threads: torch's intra-op CPU threads in each training process, set when the trainer sets the
             module up (``threads.py``: one per process keeps runs that share a machine at full speed);
             ``None`` leaves the process's setting alone.
+        normalize_observations: wrap the policy and V_φ in ``NormalizedObservations``: running mean and
+            variance of the observations, as buffers inside them, updated after each iteration's update
+            (``normalization.py``).
+        scale_rewards: divide the rewards the estimator sees by the running standard deviation of the
+            discounted return (``normalization.RewardScaler``); the logged returns stay raw.
+        max_grad_norm: if set, every optimizer step (policy and V_φ) first rescales its model's gradient to
+            at most this global L2 norm (``update.GuardedStep``); not with the natural gradient.
+        entropy_coef: c ≥ 0 of the entropy bonus -c · H̄ in the policy's loss (``update.with_entropy_bonus``).
+        anneal_lr: multiply every optimizer's learning rate by 1 - env_steps / total_env_steps before each
+            iteration's update (linear decay to 0 over the budget); needs ``total_env_steps``.
         eval_episodes: deterministic episodes of ``trainer.validate`` (the validation loop), one per eval env,
             reset with seed ``seed + 10_000`` as the ``Evaluation`` callback's during training.
     """
@@ -97,6 +109,11 @@ class PolicyGradientModule(LightningModule):
         whole_episodes: bool | None = None,
         torch_threads: int | None = DEFAULT_TORCH_THREADS,
         eval_episodes: int = 20,
+        normalize_observations: bool = False,
+        scale_rewards: bool = False,
+        max_grad_norm: float | None = None,
+        entropy_coef: float = 0.0,
+        anneal_lr: bool = False,
     ):
         super().__init__()
         check_torch_threads(torch_threads)
@@ -111,6 +128,27 @@ class PolicyGradientModule(LightningModule):
             require("diagnostics.groups", grad_variance_groups, lambda v: positive_int(v) and v >= 2,
                     "an integer of at least 2")
         require("max_skipped_updates", max_skipped_updates, positive_int, "a positive integer")
+        if max_grad_norm is not None:
+            require("max_grad_norm", max_grad_norm, positive_number, "a positive number or null")
+        require("entropy_coef", entropy_coef, non_negative, "a non-negative number")
+        if not isinstance(anneal_lr, bool):
+            raise ValueError(f"anneal_lr must be true or false, got {anneal_lr!r}")
+        if anneal_lr and total_env_steps is None:
+            raise ValueError("anneal_lr=true decays the learning rate over total_env_steps, which is null: set a budget")
+        natural_gradient = isinstance(optimizer, NaturalGradient)
+        if natural_gradient and (max_grad_norm is not None or anneal_lr):
+            key = f"max_grad_norm={max_grad_norm}" if max_grad_norm is not None else "anneal_lr=true"
+            raise ValueError(
+                f"{key} cannot be combined with optimizer=natural_gradient: its step is sized to the KL radius "
+                "(optimizer.max_kl), which rescaling the gradient or the learning rate would undo"
+            )
+        self.max_grad_norm = max_grad_norm
+        self.entropy_coef = entropy_coef
+        self.anneal_lr = anneal_lr
+        if not isinstance(scale_rewards, bool):
+            raise ValueError(f"scale_rewards must be true or false, got {scale_rewards!r}")
+        if not isinstance(normalize_observations, bool):
+            raise ValueError(f"normalize_observations must be true or false, got {normalize_observations!r}")
         if whole_episodes not in (None, True, False):
             raise ValueError(f"whole_episodes must be true, false or null, got {whole_episodes!r}")
         self.max_iterations = max_iterations
@@ -121,12 +159,18 @@ class PolicyGradientModule(LightningModule):
         if not isinstance(policy, nn.Module):
             policy = (policy or mlp_policy)(observation_space, action_space)
         check_policy(policy, observation_space, action_space)  # a broken contract fails here, not deep in a rollout
-        self.policy = policy
         self.estimator = estimator or Estimator()
         self.whole_episodes = self._batch_rule(whole_episodes)
-        self.value_fn = (
+        value_fn = (
             ValueFunction.for_space(observation_space, self.estimator.value) if self.estimator.value is not None else None
         )
+        if normalize_observations:
+            policy = NormalizedObservations(policy, observation_space.shape)
+            value_fn = None if value_fn is None else NormalizedObservations(value_fn, observation_space.shape)
+        self.normalize_observations = normalize_observations
+        self.reward_scaler = RewardScaler(self.env.num_envs, self.estimator.gamma) if scale_rewards else None
+        self.policy = policy
+        self.value_fn = value_fn
         self.automatic_optimization = False
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-2)
         self.off_policy = off_policy or OffPolicy()
@@ -270,34 +314,68 @@ class PolicyGradientModule(LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         """One iteration after collecting ``batch``: the policy update, then V_φ's fit, then the metrics."""
         policy_step, value_step = self._guarded_steps()
+        if self.anneal_lr:
+            self._anneal_learning_rates()
         values = self._values(batch)  # [T + 1, B], V_φ before this batch's fit
         metrics = self._gradient_variance(batch)
         result = update_policy(self.policy, self._kept_batches(batch, values), self.estimator, self.off_policy,
-                               policy_step, self.reduction, self._precondition())
+                               policy_step, self.reduction, self._precondition(), self.entropy_coef)
         metrics.update(result.metrics)
         if self.value_fn is not None:
             assert self.estimator.value is not None and values is not None and value_step is not None
             metrics.update(fit_value(self.value_fn, batch.obs[:-1], result.estimate.value_targets, batch.valid,
                                      values[:-1], self.estimator.value.steps, value_step))
+        if self.normalize_observations:
+            self._update_normalizers(batch)
+        if self.reward_scaler is not None:
+            self.reward_scaler.update(batch.rew, batch.valid, batch.done, self.reduction)
         self._log_iteration(batch, result.estimate.mask, result.loss, result.entropy, metrics)
+
+    def _update_normalizers(self, batch: RolloutBatch) -> None:
+        """The batch's observations join the running statistics, after the update that used the old ones."""
+        obs = batch.obs[:-1][batch.valid]
+        for model in (self.policy, self.value_fn):
+            if isinstance(model, NormalizedObservations):
+                model.update_normalizer(obs, self.reduction)
 
     def _guarded_steps(self) -> tuple[GuardedStep, GuardedStep | None]:
         """The policy's optimizer step (its loss scaled by the world size, see ``GuardedStep``) and V_φ's."""
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         policy_step = GuardedStep(optimizers[0], self.policy, self.manual_backward, self.reduction, self.skips,
-                                  loss_scale=self.reduction.world_size, ends_streak=True)
+                                  loss_scale=self.reduction.world_size, ends_streak=True,
+                                  max_grad_norm=self.max_grad_norm)
         if self.value_fn is None:
             return policy_step, None
-        return policy_step, GuardedStep(optimizers[1], self.value_fn, self.manual_backward, self.reduction, self.skips)
+        return policy_step, GuardedStep(optimizers[1], self.value_fn, self.manual_backward, self.reduction, self.skips,
+                                        max_grad_norm=self.max_grad_norm)
+
+    def _anneal_learning_rates(self) -> None:
+        """lr = lr₀ · (1 - env_steps / total_env_steps) for every optimizer, from the env steps so far (so a
+        resumed run continues the same schedule); lr₀ is kept in each param group as ``initial_lr``."""
+        assert self.total_env_steps is not None
+        fraction = max(1.0 - self.env_steps / self.total_env_steps, 0.0)
+        optimizers = self.optimizers()
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for group in optimizer.optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * fraction
 
     def _kept_batches(self, batch: RolloutBatch, values: torch.Tensor | None) -> list:
         """``(batch, V_φ(obs))`` of every batch this iteration learns from, oldest first: on-policy only ``batch``;
         with importance-sampled reuse also the ``reuse_batches`` before it."""
         if not self.off_policy.reuses_data:
-            return [(batch, values)]
+            return [(self._scaled(batch), values)]
         self.replay.append(batch)
-        return [(old, self._values(old)) for old in list(self.replay)[:-1]] + [(batch, values)]
+        past = [(self._scaled(old), self._values(old)) for old in list(self.replay)[:-1]]
+        return past + [(self._scaled(batch), values)]
+
+    def _scaled(self, batch: RolloutBatch) -> RolloutBatch:
+        """The batch with the rewards the estimator sees: divided by the reward scale, when it is on."""
+        if self.reward_scaler is None:
+            return batch
+        return dataclasses.replace(batch, rew=self.reward_scaler.scale(batch.rew),
+                                   return_before=self.reward_scaler.scale(batch.return_before))
 
     def _precondition(self) -> Precondition | None:
         """The natural gradient's rewrite of the policy's gradient, with this run's cross-process mean."""
@@ -386,6 +464,7 @@ class PolicyGradientModule(LightningModule):
             "replay": [vars(batch) for batch in self.replay],
             "collector": self.collector.state_dict() if self.collector is not None else None,
             "torch_rng": torch.get_rng_state(),  # action sampling and minibatch order continue the same stream
+            "reward_returns": self.reward_scaler.returns if self.reward_scaler is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -404,3 +483,5 @@ class PolicyGradientModule(LightningModule):
             self.collector.load_state_dict(counters["collector"])
         if single_process and counters.get("torch_rng") is not None:
             torch.set_rng_state(counters["torch_rng"])
+        if single_process and self.reward_scaler is not None and counters.get("reward_returns") is not None:
+            self.reward_scaler.returns = counters["reward_returns"]

@@ -92,12 +92,14 @@ class OffPolicy:
 
 @dataclass
 class ImportanceLoss:
-    """``loss`` to differentiate, plus what is logged: ``ess`` (fraction), ``approx_kl``, ``clip_fraction``."""
+    """``loss`` to differentiate, plus what is logged: ``ess`` (fraction), ``approx_kl``, ``clip_fraction``;
+    ``dist``: π_θ(·|s_t) of the batch's steps (for an entropy bonus)."""
 
     loss: torch.Tensor
     ess: torch.Tensor
     approx_kl: torch.Tensor
     clip_fraction: torch.Tensor
+    dist: torch.distributions.Distribution | None = None
 
 
 def importance_loss(
@@ -108,7 +110,8 @@ def importance_loss(
     ``estimate`` holds Ψ, the mask of used steps, the segment ids and N for this batch (from the estimator).
     ``reduction`` makes Σ w of self-normalised weights, the ESS and the KL estimate global over processes.
     """
-    logp = policy(batch.obs[:-1]).log_prob(batch.act)  # [T, B]
+    dist = policy(batch.obs[:-1])
+    logp = dist.log_prob(batch.act)  # [T, B]
     log_rho = F.log_ratio(logp, batch.logp_behavior)
     mask, weights = estimate.mask, estimate.weights.detach()
     used = mask.to(logp.dtype)
@@ -141,7 +144,7 @@ def importance_loss(
     kl = kl_terms.sum() / reduction.sum(batch.valid.sum().to(logp.dtype)).clamp(min=1)  # this rank's share
     if off_policy.kl_coef > 0:
         loss = loss + off_policy.kl_coef * kl
-    return ImportanceLoss(loss, ess.to(logp.dtype), reduction.sum(kl.detach()), clip_fraction)
+    return ImportanceLoss(loss, ess.to(logp.dtype), reduction.sum(kl.detach()), clip_fraction, dist)
 
 
 def select_estimate(estimate: EstimatorOutput, envs: torch.Tensor, reduction: Reduction = LOCAL) -> EstimatorOutput:

@@ -11,6 +11,7 @@ and ``.mode`` on the result, so a user's own network plugs in unchanged. Two are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import gymnasium as gym
@@ -26,12 +27,19 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
 def mlp(
-    in_features: int, hidden_sizes: Sequence[int], out_features: int, activation: str, last_gain: float = 0.01
+    in_features: int,
+    hidden_sizes: Sequence[int],
+    out_features: int,
+    activation: str,
+    last_gain: float = 0.01,
+    orthogonal_init: bool = False,
 ) -> nn.Sequential:
     """``in → hidden_sizes… → out`` with ``activation`` between layers; a single Linear if no hidden layer.
 
     The last layer is initialised orthogonally with ``last_gain``: a small gain starts a policy near
-    uniform (or near its initial σ), the usual practice for policy gradients.
+    uniform (or near its initial σ), the usual practice for policy gradients. ``orthogonal_init`` also
+    initialises the hidden layers orthogonally with gain √2 and zero bias (Huang et al. 2022, PPO detail 2);
+    otherwise they keep torch's default.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"policy.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -41,6 +49,9 @@ def mlp(
         if i > 0:
             layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(fan_in, fan_out))
+        if orthogonal_init and i < len(sizes) - 2:
+            nn.init.orthogonal_(layers[-1].weight, gain=math.sqrt(2))
+            nn.init.zeros_(layers[-1].bias)
     last = layers[-1]
     assert isinstance(last, nn.Linear)
     nn.init.orthogonal_(last.weight, gain=last_gain)
@@ -81,9 +92,16 @@ class CategoricalMLP(nn.Module):
     Shapes: ``obs [..., obs_dim] -> Categorical`` with ``batch_shape [...]`` over ``n`` actions.
     """
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: Sequence[int] = (64, 64), activation: str = "tanh"):
+    def __init__(
+        self,
+        obs_dim: int,
+        num_actions: int,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        orthogonal_init: bool = False,
+    ):
         super().__init__()
-        self.logits = mlp(obs_dim, hidden_sizes, num_actions, activation)
+        self.logits = mlp(obs_dim, hidden_sizes, num_actions, activation, orthogonal_init=orthogonal_init)
 
     def forward(self, obs: torch.Tensor) -> Distribution:
         return GatherCategorical(logits=self.logits(obs), validate_args=False)
@@ -104,9 +122,10 @@ class GaussianMLP(nn.Module):
         hidden_sizes: Sequence[int] = (64, 64),
         activation: str = "tanh",
         log_std_init: float = -0.5,
+        orthogonal_init: bool = False,
     ):
         super().__init__()
-        self.mean = mlp(obs_dim, hidden_sizes, act_dim, activation)
+        self.mean = mlp(obs_dim, hidden_sizes, act_dim, activation, orthogonal_init=orthogonal_init)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std_init)))
 
     def forward(self, obs: torch.Tensor) -> Distribution:
@@ -121,8 +140,10 @@ def mlp_policy(
     hidden_sizes: Sequence[int] = (64, 64),
     activation: str = "tanh",
     log_std_init: float = -0.5,
+    orthogonal_init: bool = False,
 ) -> nn.Module:
-    """The shipped MLP policy that fits the spaces: categorical for ``Discrete``, Gaussian for ``Box``."""
+    """The shipped MLP policy that fits the spaces: categorical for ``Discrete``, Gaussian for ``Box``.
+    ``orthogonal_init``: hidden layers orthogonal with gain √2 (the policy head always has gain 0.01)."""
     if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
         raise ValueError(
             f"observation space {observation_space} is not supported by the MLP policies: they need a flat Box"
@@ -130,9 +151,9 @@ def mlp_policy(
     obs_dim = int(np.prod(observation_space.shape))
     hidden_sizes = list(hidden_sizes)
     if isinstance(action_space, gym.spaces.Discrete):
-        return CategoricalMLP(obs_dim, int(action_space.n), hidden_sizes, activation)
+        return CategoricalMLP(obs_dim, int(action_space.n), hidden_sizes, activation, orthogonal_init)
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
-        return GaussianMLP(obs_dim, int(action_space.shape[0]), hidden_sizes, activation, log_std_init)
+        return GaussianMLP(obs_dim, int(action_space.shape[0]), hidden_sizes, activation, log_std_init, orthogonal_init)
     raise ValueError(
         f"action space {action_space} is not supported: use Discrete or a 1-D Box, or pass your own policy"
     )

@@ -61,7 +61,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
         # The callbacks first: their constructors check their keys before the module makes an env.
         video = run_dir / "video.mp4" if cfg.get("video") else None
         evaluation = Evaluation(cfg.eval.every_n_iterations, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000,
-                                video=video)
+                                video=video, every_n_env_steps=cfg.eval.get("every_n_env_steps"))
         checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
         module = make_module(cfg)
         tags = [module.env.id, module.estimator.name, f"off_policy={module.off_policy.kind}"]
@@ -134,6 +134,11 @@ def make_module(cfg: DictConfig) -> PolicyGradientModule:
         whole_episodes=cfg.get("whole_episodes"),
         torch_threads=cfg.get("torch_threads", DEFAULT_TORCH_THREADS),
         eval_episodes=cfg.eval.num_episodes,
+        normalize_observations=cfg.get("normalize_observations", False),
+        scale_rewards=cfg.get("scale_rewards", False),
+        max_grad_norm=cfg.get("max_grad_norm"),
+        entropy_coef=cfg.get("entropy_coef", 0.0),
+        anneal_lr=cfg.get("anneal_lr", False),
     )
 
 

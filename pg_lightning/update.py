@@ -75,6 +75,8 @@ class GuardedStep:
         skips: the run's counter of skipped steps.
         loss_scale: the factor on the loss before the backward pass.
         ends_streak: a step taken ends a streak of skipped ones (policy steps do; V_φ's do not).
+        max_grad_norm: if set, the model's gradient is rescaled to at most this global L2 norm before the
+            step (Lightning's ``gradient_clip_val`` does not apply to manual optimization, so it is done here).
     """
 
     optimizer: torch.optim.Optimizer
@@ -84,6 +86,7 @@ class GuardedStep:
     skips: SkipCounter
     loss_scale: float = 1.0
     ends_streak: bool = False
+    max_grad_norm: float | None = None
 
     def __call__(self, loss: torch.Tensor, before_step: Callable[[], None] | None = None) -> bool:
         """Backward and step; ``before_step`` may rewrite the gradients first (the natural gradient). True if stepped."""
@@ -94,6 +97,8 @@ class GuardedStep:
             grads = [p.grad.reshape(-1) for p in self.model.parameters() if p.grad is not None]
             finite = not grads or bool(torch.cat(grads).isfinite().all())  # one check, not one per tensor
         if finite:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             if before_step is not None:
                 before_step()
             self.optimizer.step()
@@ -153,6 +158,7 @@ def update_policy(
     step: GuardedStep,
     reduction: Reduction,
     precondition: Precondition | None = None,
+    entropy_coef: float = 0.0,
 ) -> UpdateResult:
     """Every optimizer step of one iteration on the kept batches; the current batch is ``kept[-1]``.
 
@@ -160,6 +166,8 @@ def update_policy(
         kept: ``(batch, V_φ(batch.obs) [T + 1, B] or None)``, oldest first; on-policy exactly one.
         step: the policy's guarded optimizer step.
         precondition: rewrites the policy's gradient before the step (on-policy only: the natural gradient).
+        entropy_coef: c of the entropy bonus: each step minimises loss - c · H̄, H̄ the mean entropy of π over
+            the minibatch's steps (``loss/policy`` is logged without it).
     """
     current = kept[-1][0]
     with torch.no_grad():
@@ -175,7 +183,7 @@ def update_policy(
                     continue  # no step has a known weight (no episode ended, no value to bootstrap)
                 if off_policy.reuses_data:
                     result = importance_loss(policy, data, part, off_policy, reduction)
-                    step(result.loss)
+                    step(with_entropy_bonus(result.loss, result.dist, data, entropy_coef))
                     for key, value in (("ess", result.ess), ("approx_kl", result.approx_kl),
                                        ("clip_fraction", result.clip_fraction)):
                         diagnostics.setdefault(f"diag/{key}", []).append(value)
@@ -183,12 +191,21 @@ def update_policy(
                 else:
                     loss = on_policy_loss(policy, data, part, estimator, reduction)
                     hook = None if precondition is None else lambda: metrics.update(precondition(data, loss))
-                    step(loss.loss, before_step=hook)
+                    step(with_entropy_bonus(loss.loss, loss.dist, data, entropy_coef), before_step=hook)
                     losses.append(loss.loss.detach())
     # Means over this iteration's steps: how far each step's policy was from the data's.
     metrics.update({key: torch.stack(values).mean() for key, values in diagnostics.items()})
     loss = torch.stack(losses).mean() if losses else torch.zeros(())
     return UpdateResult(estimate=estimates[-1][1], loss=loss, entropy=entropy, metrics=metrics)
+
+
+def with_entropy_bonus(
+    loss: torch.Tensor, dist: torch.distributions.Distribution, batch: RolloutBatch, coef: float
+) -> torch.Tensor:
+    """``loss - coef · H̄``, H̄ the mean entropy of π(·|s_t) over the batch's valid steps (``loss`` when coef is 0)."""
+    if coef == 0.0:
+        return loss
+    return loss - coef * masked_mean(dist.entropy(), batch.valid)
 
 
 def minibatches(

@@ -62,7 +62,8 @@ def require(key: str, value: Any, check: Callable[[Any], bool], expected: str, e
         raise error(f"{key} must be {expected}, got {value!r}")
 
 # Integer keys where an integer-valued float (``total_env_steps=1e6``) is accepted and converted.
-INTEGER_KEYS = ("total_env_steps", "steps_per_env", "max_iterations", "env.num_envs", "env.max_episode_steps")
+INTEGER_KEYS = ("total_env_steps", "steps_per_env", "max_iterations", "env.num_envs", "env.max_episode_steps",
+                "eval.every_n_env_steps")
 
 # Run-level keys that no constructor owns: key -> (check, what a valid value is). Every other key is checked
 # by the constructor of its object (VectorEnvFactory, Estimator, ValueFunctionConfig, OffPolicy,

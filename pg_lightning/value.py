@@ -28,16 +28,23 @@ class ValueFunctionConfig:
         activation: ``tanh``, ``relu`` or ``elu``.
         lr: Adam learning rate of V_φ (its own optimizer, separate from the policy's).
         steps: full-batch regression steps per iteration (the course homework's ``baseline_gradient_steps``).
+        orthogonal_init: hidden layers orthogonal with gain √2, the output layer with gain 1 (PPO's detail).
+        targets: what V_φ regresses on: ``returns``, the bootstrapped reward-to-go Q̂_t (GAE with λ = 1);
+            ``lambda_returns``, the estimator's advantage plus V_φ(s_t), as SB3 and CleanRL fit it.
     """
 
     hidden_sizes: Sequence[int] = (64, 64)
     activation: str = "tanh"
     lr: float = 1e-2
     steps: int = 25
+    orthogonal_init: bool = False
+    targets: str = "returns"
 
     def __post_init__(self) -> None:
         require("estimator.value.lr", self.lr, positive_number, "a positive number")
         require("estimator.value.steps", self.steps, positive_int, "a positive integer")
+        if self.targets not in ("returns", "lambda_returns"):
+            raise ValueError(f"estimator.value.targets must be returns or lambda_returns, got {self.targets!r}")
         if not all(positive_int(size) for size in self.hidden_sizes):
             raise ValueError(f"estimator.value.hidden_sizes must be a list of positive integers, got {list(self.hidden_sizes)}")
 
@@ -47,7 +54,8 @@ class ValueFunction(nn.Module):
 
     def __init__(self, obs_dim: int, config: ValueFunctionConfig = ValueFunctionConfig()):
         super().__init__()
-        self.net = mlp(obs_dim, list(config.hidden_sizes), 1, config.activation, last_gain=1.0)
+        self.net = mlp(obs_dim, list(config.hidden_sizes), 1, config.activation, last_gain=1.0,
+                       orthogonal_init=config.orthogonal_init)
 
     @classmethod
     def for_space(cls, observation_space: gym.Space, config: ValueFunctionConfig) -> ValueFunction:

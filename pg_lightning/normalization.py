@@ -1,0 +1,127 @@
+"""Observation normalisation: a running mean and variance of every observation seen, inside the network.
+
+    s̃ = clip((s - μ) / sqrt(σ² + ε), -c, c)          μ, σ²: over all observations of all batches so far
+
+Andrychowicz et al. 2021 ("What matters in on-policy RL") find it the most important of the continuous-control
+details; Huang et al. 2022 list it among PPO's. The statistics are buffers of ``NormalizedObservations``, the
+module that wraps the policy (and V_φ): a saved, loaded or evaluated policy carries them, and evaluation
+uses them as they are.
+
+When they change: after each iteration's update, from that batch's observations (``update``). The batch was
+collected, and the gradient is taken, with the same statistics, so the on-policy gradient stays the gradient
+of the policy that acted; the next batch is collected with the new ones. With several processes each rank's
+sums are all-reduced first, so every rank holds the statistics of the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pg_lightning.distributed import LOCAL, Reduction
+
+
+class RunningNormalizer(nn.Module):
+    """``x [..., *shape] ↦ clip((x - μ) / sqrt(σ² + ε), -clip, clip)``; μ, σ² and the count are float64 buffers.
+
+    Args:
+        shape: the shape of one observation.
+        clip: the bound on a normalised entry (10, as CleanRL and SB3).
+        eps: added to σ² (a constant entry would divide by zero).
+    """
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8):
+        super().__init__()
+        self.clip = clip
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = (self.var + self.eps).sqrt()
+        return ((x - self.mean.to(x.dtype)) / scale.to(x.dtype)).clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, reduction: Reduction = LOCAL) -> None:
+        """Merge the observations ``x [N, *shape]`` (over all ranks) into the running statistics.
+
+        Chan et al.'s parallel update: with the batch's n_b, μ_b, σ²_b and δ = μ_b - μ,
+        μ ← μ + δ n_b / n,   n σ² ← n_a σ²_a + n_b σ²_b + δ² n_a n_b / n,   n = n_a + n_b.
+        The batch's moments come from all-reduced sums Σ1, Σx, Σx², in float64.
+        """
+        x = x.reshape(-1, *self.mean.shape).to(torch.float64)
+        sums = reduction.sum(torch.cat([x.new_tensor([len(x)]), x.sum(0).reshape(-1), (x * x).sum(0).reshape(-1)]))
+        n_b = sums[0]
+        if n_b == 0:
+            return
+        size = self.mean.numel()
+        mean_b = (sums[1 : 1 + size] / n_b).reshape(self.mean.shape)
+        var_b = ((sums[1 + size :] / n_b).reshape(self.mean.shape) - mean_b**2).clamp(min=0.0)
+        n_a = self.count
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        self.var.copy_((n_a * self.var + n_b * var_b + delta**2 * n_a * n_b / n) / n)
+        self.mean.add_(delta * n_b / n)
+        self.count.copy_(n)
+
+
+class NormalizedObservations(nn.Module):
+    """``module(normalizer(obs))``: a policy or V_φ that sees normalised observations.
+
+    The wrapped module's outputs are unchanged in kind (a ``Distribution`` for a policy, values for V_φ), so it
+    plugs in wherever the module did. Its state dict holds the module's parameters under ``module.`` and the
+    statistics under ``normalizer.``.
+    """
+
+    def __init__(self, module: nn.Module, observation_shape: tuple[int, ...], clip: float = 10.0):
+        super().__init__()
+        self.module = module
+        self.normalizer = RunningNormalizer(observation_shape, clip=clip)
+
+    def forward(self, obs: torch.Tensor):
+        return self.module(self.normalizer(obs))
+
+    def update_normalizer(self, obs: torch.Tensor, reduction: Reduction = LOCAL) -> None:
+        self.normalizer.update(obs, reduction)
+
+
+class RewardScaler(nn.Module):
+    """Rewards divided by the running standard deviation of the discounted return (not centred):
+
+        G_t = γ G_{t-1} + r_t  (G = 0 at an episode's first step),   r̃_t = r_t / sqrt(Var[G] + ε)
+
+    as gymnasium's ``NormalizeReward`` and CleanRL's PPO do: the scale of Ψ and of V_φ's targets stays near 1
+    whatever the env's reward units. ``Var[G]`` is a ``RunningNormalizer`` of shape ``()`` (a buffer: saved in
+    checkpoints, all-reduced over ranks). ``returns`` is each env's G so far, carried across batches whose
+    episodes run on (not a buffer: DDP would overwrite each rank's with rank 0's; the module checkpoints it).
+
+    ``scale(batch)`` uses the statistics from before the batch, so a batch's weights do not depend on its own
+    rewards through the scale; ``update(batch)`` then adds the batch's G_t.
+    """
+
+    def __init__(self, num_envs: int, gamma: float, eps: float = 1e-8):
+        super().__init__()
+        self.gamma = gamma
+        self.eps = eps
+        self.returns = torch.zeros(num_envs, dtype=torch.float64)
+        self.stats = RunningNormalizer(())
+
+    def scale(self, rew: torch.Tensor) -> torch.Tensor:
+        """``rew [T, B]`` divided by sqrt(Var[G] + ε) (rewards unchanged until a first batch was seen)."""
+        if self.stats.count == 0:
+            return rew
+        return rew / (self.stats.var + self.eps).sqrt().to(rew.dtype)
+
+    @torch.no_grad()
+    def update(self, rew: torch.Tensor, valid: torch.Tensor, done: torch.Tensor, reduction: Reduction = LOCAL) -> None:
+        """Run G_t through a batch ``[T, B]`` (invalid steps keep G; it restarts after a ``done``) and merge
+        the valid steps' G_t into Var[G]."""
+        returns = self.returns.to(rew.device)
+        values = torch.empty(rew.shape, dtype=torch.float64, device=rew.device)
+        for t in range(rew.shape[0]):  # a recurrence in t, vectorised over envs
+            returns = torch.where(valid[t], self.gamma * returns + rew[t].double(), returns)
+            values[t] = returns
+            returns = torch.where(done[t], torch.zeros_like(returns), returns)
+        self.returns = returns.cpu()
+        self.stats.update(values[valid], reduction)
