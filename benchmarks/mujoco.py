@@ -1,0 +1,165 @@
+"""MuJoCo at a fixed env-step budget: a pg_lightning preset and Stable-Baselines3 PPO, side by side.
+
+    pip install -e ".[bench]"
+    python benchmarks/mujoco.py --preset ppo_mujoco --envs hopper half_cheetah --seeds 0 1 2 --steps 1000000
+    python benchmarks/mujoco.py ... --no-sb3            # our preset only
+    python benchmarks/mujoco.py --aggregate-only        # re-read the JSON files of earlier runs
+
+Each run is a separate process, one after another (never two timed runs at once), and writes
+``<out>/<method>/<env>/seed<k>.json`` (our run dirs, with their checkpoints, go to ``outputs/mujoco/``): the final return as the **mean of the last 100 training episodes**
+(CleanRL's metric for its published PPO numbers), the deterministic evaluation at the end (10 episodes; for SB3
+with its VecNormalize statistics frozen), and env steps per second over the whole process (imports,
+evaluation and updates included). Over seeds it prints, per env and method, the interquartile mean with a 95%
+stratified-bootstrap interval (``rliable``).
+
+SB3's side: ``PPO("MlpPolicy")`` with its defaults (which are its MuJoCo settings: 2048 steps, minibatch 64, 10
+epochs, lr 3e-4, GAE 0.95, clip 0.2) inside ``VecNormalize`` (observations and rewards), one env, torch with
+one thread as ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_IDS = {"hopper": "Hopper-v5", "half_cheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5",
+           "inverted_pendulum": "InvertedPendulum-v5"}
+LAST_EPISODES = 100
+
+
+def last_episodes_mean(metrics_csv: Path, count: int = LAST_EPISODES) -> float:
+    """Mean return of the last ``count`` training episodes, from metrics.csv's per-iteration means and counts.
+
+    Iterations are taken from the end until they hold ``count`` episodes; the earliest of them contributes only
+    the episodes needed (its mean stands for each of its episodes).
+    """
+    import csv
+
+    with metrics_csv.open() as f:
+        rows = [(float(r["rollout/return_mean"]), float(r["rollout/episodes"]))
+                for r in csv.DictReader(f) if r.get("rollout/episodes") and float(r["rollout/episodes"]) > 0]
+    total, taken = 0.0, 0.0
+    for mean, episodes in reversed(rows):
+        use = min(episodes, count - taken)
+        total += mean * use
+        taken += use
+        if taken >= count:
+            break
+    return total / taken if taken else float("nan")
+
+
+def run_ours(preset: str, env: str, seed: int, steps: int, out: Path) -> dict:
+    run_dir = REPO / "outputs" / "mujoco" / preset / env / f"seed{seed}"  # the run dir (checkpoints) stays out of git
+    command = [sys.executable, str(REPO / "train.py"), f"+experiment={preset}", f"env={env}", f"seed={seed}",
+               f"total_env_steps={steps}", "logger=csv", "stop_on_solve=false", f"hydra.run.dir={run_dir}"]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"method": preset, "env": env, "seed": seed, "env_steps": summary["env_steps"], "wall_s": wall,
+            "env_steps_per_s": summary["env_steps"] / wall, "final_return": last_episodes_mean(run_dir / "metrics.csv"),
+            "eval_return": summary["eval_return_mean"], "eval_s": summary.get("eval_s")}
+
+
+def run_sb3(env: str, seed: int, steps: int) -> dict:
+    """SB3 PPO with VecNormalize, in this process (``main`` starts one process per run)."""
+    import gymnasium as gym
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    monitor = Monitor(gym.make(ENV_IDS[env]))
+    venv = VecNormalize(DummyVecEnv([lambda: monitor]), gamma=0.99)
+    model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0)
+    model.learn(total_timesteps=steps)
+    train_wall = time.perf_counter() - start
+    returns = monitor.get_episode_rewards()
+    final = float(np.mean(returns[-LAST_EPISODES:])) if returns else float("nan")
+    venv.training, venv.norm_reward = False, False  # evaluation: frozen statistics, raw rewards
+    evaluations = []
+    for episode in range(10):
+        venv.seed(10_000 + episode)
+        obs, done, total = venv.reset(), False, 0.0
+        while not done:
+            action, _ = model.predict(obs, deterministic=True)
+            obs, reward, dones, _ = venv.step(action)
+            total += float(venv.get_original_reward()[0])
+            done = bool(dones[0])
+        evaluations.append(total)
+    wall = time.perf_counter() - start
+    return {"method": "sb3_ppo", "env": env, "seed": seed, "env_steps": int(model.num_timesteps), "wall_s": wall,
+            "env_steps_per_s": model.num_timesteps / train_wall, "final_return": final,
+            "eval_return": float(np.mean(evaluations)), "eval_s": wall - train_wall}
+
+
+def aggregate(out: Path) -> list[str]:
+    """Per env and method: IQM over seeds of the final return, its 95% stratified-bootstrap interval, steps/s."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*.json"))]
+    lines = ["| env | method | seeds | final return, IQM [95% CI] | eval return, mean | env steps/s, median |",
+             "|---|---|---:|---|---:|---:|"]
+    for env in sorted({r["env"] for r in runs}):
+        for method in sorted({r["method"] for r in runs if r["env"] == env}):
+            chosen = [r for r in runs if r["env"] == env and r["method"] == method]
+            scores = np.array([[r["final_return"]] for r in chosen])  # [seeds, 1 task]
+            point, interval = rly.get_interval_estimates(
+                {method: scores}, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=2000)
+            low, high = interval[method][:, 0]
+            lines.append(f"| {ENV_IDS[env]} | {method} | {len(chosen)} | {point[method][0]:.0f} [{low:.0f}, {high:.0f}] | "
+                         f"{np.mean([r['eval_return'] for r in chosen]):.0f} | "
+                         f"{np.median([r['env_steps_per_s'] for r in chosen]):.0f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="ppo_mujoco", help="an experiment overlay of conf/experiment/")
+    parser.add_argument("--envs", nargs="+", default=["hopper"], choices=sorted(ENV_IDS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1_000_000, help="env steps per run")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mujoco")
+    parser.add_argument("--no-sb3", action="store_true", help="run our preset only")
+    parser.add_argument("--aggregate-only", action="store_true", help="only print the table of the runs in --out")
+    parser.add_argument("--sb3-run", nargs=3, metavar=("ENV", "SEED", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sb3_run:  # one SB3 run, in its own process
+        env, seed, steps = args.sb3_run[0], int(args.sb3_run[1]), int(args.sb3_run[2])
+        print(json.dumps(run_sb3(env, seed, steps)))
+        return 0
+    if not args.aggregate_only:
+        for env in args.envs:
+            for seed in args.seeds:
+                record = run_ours(args.preset, env, seed, args.steps, args.out)
+                write(args.out / args.preset / env / f"seed{seed}.json", record)
+                if not args.no_sb3:
+                    result = subprocess.run([sys.executable, __file__, "--sb3-run", env, str(seed), str(args.steps)],
+                                            capture_output=True, text=True, check=True)
+                    write(args.out / "sb3_ppo" / env / f"seed{seed}.json", json.loads(result.stdout.splitlines()[-1]))
+    print("\n".join(aggregate(args.out)))
+    return 0
+
+
+def write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
