@@ -1,9 +1,11 @@
 """MuJoCo at a fixed env-step budget: a pg_lightning preset and Stable-Baselines3 PPO, side by side.
 
+(Not ``mujoco.py``: run as a script, a file of that name would shadow the ``mujoco`` package it runs.)
+
     pip install -e ".[bench]"
-    python benchmarks/mujoco.py --preset ppo_mujoco --envs hopper half_cheetah --seeds 0 1 2 --steps 1000000
-    python benchmarks/mujoco.py ... --no-sb3            # our preset only
-    python benchmarks/mujoco.py --aggregate-only        # re-read the JSON files of earlier runs
+    python benchmarks/mujoco_suite.py --preset ppo_mujoco --envs hopper half_cheetah --seeds 0 1 2 --steps 1000000
+    python benchmarks/mujoco_suite.py ... --no-sb3            # our preset only
+    python benchmarks/mujoco_suite.py --aggregate-only        # re-read the JSON files of earlier runs
 
 Each run is a separate process, one after another (never two timed runs at once), and writes
 ``<out>/<method>/<env>/seed<k>.json`` (our run dirs, with their checkpoints, go to ``outputs/mujoco/``): the final return as the **mean of the last 100 training episodes**
