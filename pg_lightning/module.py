@@ -324,7 +324,8 @@ class PolicyGradientModule(LightningModule):
         if self.value_fn is not None:
             assert self.estimator.value is not None and values is not None and value_step is not None
             metrics.update(fit_value(self.value_fn, batch.obs[:-1], result.estimate.value_targets, batch.valid,
-                                     values[:-1], self.estimator.value.steps, value_step))
+                                     values[:-1], self.estimator.value.steps, value_step,
+                                     self.estimator.value.minibatch_size))
         if self.normalize_observations:
             self._update_normalizers(batch)
         if self.reward_scaler is not None:

@@ -111,3 +111,23 @@ def test_bad_detail_values_are_refused_in_one_line(overrides, message, tmp_path)
     with pytest.raises(ConfigError) as info:
         train(compose_with(*overrides, "logger=none"), tmp_path)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_value_minibatches_cover_the_batch_once_per_epoch_and_fit_it():
+    from pg_lightning.value import _value_minibatches, fit_value
+
+    torch.manual_seed(0)
+    obs = torch.randn(10, 3, 2)
+    targets = obs.sum(-1)
+    mask = torch.ones(10, 3, dtype=torch.bool)
+    mask[0, 0] = False  # a reset step: never fitted
+    parts = list(_value_minibatches(obs, targets, mask, steps=6, minibatch_size=7))
+    assert [len(t) for _, t, _ in parts] == [7] * 6
+    first_epoch = torch.cat([t for _, t, _ in parts[:4]])  # 29 masked steps: 4 minibatches of 7 per order
+    assert len(set(first_epoch.tolist())) == 28 and obs[0, 0].sum().item() not in first_epoch.tolist()
+    value_fn = ValueFunction(2, ValueFunctionConfig(hidden_sizes=[16]))
+    optimizer = torch.optim.Adam(value_fn.parameters(), lr=0.01)
+    step = GuardedStep(optimizer, value_fn, lambda loss: loss.backward(), LOCAL, SkipCounter(3))
+    before = ((value_fn(obs) - targets) ** 2)[mask].mean()
+    fit_value(value_fn, obs, targets, mask, value_fn(obs).detach(), steps=200, step=step, minibatch_size=8)
+    assert ((value_fn(obs) - targets) ** 2)[mask].mean() < before / 5
