@@ -3,17 +3,18 @@
 One Lightning epoch is one policy-gradient iteration (lecture §2, the REINFORCE loop):
 
 1. ``train_dataloader`` yields one batch collected with the *current* policy (``rollout.py``);
-2. ``training_step`` computes log π_θ(a_t|s_t), the estimator's weights Ψ_t and the pseudo-loss
-   -(1/N) Σ_i Σ_t log π_θ(a_it|s_it) Ψ_it (§7.2), and takes one policy optimizer step on it;
-   With ``off_policy`` reuse (``off_policy.py``, lecture §6) the batch joins a replay of the last
-   ``reuse_batches`` batches and ``updates_per_batch`` passes of minibatch steps are taken on the
-   importance-weighted loss instead;
-3. with a learned value baseline, V_φ is then fitted to the batch's bootstrapped reward-to-go with its
-   own optimizer (after Ψ was computed with the old V_φ, so the baseline does not depend on the batch);
-4. the module stops the trainer when ``total_env_steps`` is spent.
+2. ``training_step`` hands it to ``update.update_policy``: the estimator's weights Ψ_t and one step on the
+   pseudo-loss -(1/N) Σ_i Σ_t log π_θ(a_it|s_it) Ψ_it (§7.2); with ``off_policy`` reuse (lecture §6) also the
+   last ``reuse_batches`` batches, ``updates_per_batch`` passes of minibatch steps on the importance-weighted
+   loss. Every step goes through ``update.GuardedStep``;
+3. with a learned value baseline, ``value.fit_value`` then fits V_φ to the batch's targets with its own
+   optimizer (after Ψ was computed with the old V_φ, so the baseline does not depend on the batch);
+4. the observation and reward statistics take the batch in (``normalization.py``), the metrics are logged,
+   and the module stops the trainer when ``total_env_steps`` is spent.
 
-Optimization is manual (two optimizers, and a step is skipped when no step of the batch has a weight),
-so Lightning's ``gradient_clip_val`` does not apply.
+This module holds only what a LightningModule must: its hooks, the loaders, logging and checkpoint state.
+Optimization is manual (two optimizers, and a step is skipped when no step of the batch has a weight), so
+Lightning's ``gradient_clip_val`` does not apply: ``max_grad_norm`` clips in the update's own step.
 """
 
 from __future__ import annotations
