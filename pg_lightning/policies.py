@@ -61,7 +61,7 @@ def mlp(
 
 class GatherCategorical(Categorical):
     """torch's ``Categorical`` with the per-step calls of the rollout and the evaluation made lighter; the
-    same numbers, fewer tensor ops (each op on a ``[B, n]`` tensor costs microseconds, the MLP ~40):
+    same numbers, fewer tensor ops (each op on a small ``[B, n]`` tensor costs about as much as a layer of the MLP):
 
     - ``log_prob`` of actions shaped like the batch: one gather of the normalised logits, no ``broadcast_tensors``;
     - ``sample()``: the draw ``Categorical.sample`` makes (``multinomial`` with replacement on π(·|s)) without

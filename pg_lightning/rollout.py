@@ -96,8 +96,8 @@ class RolloutCollector:
         With ``whole_episodes`` each env collects whole episodes until it has ``num_steps`` steps of them;
         otherwise each env takes exactly ``num_steps`` steps (see the class doc).
 
-        The policy runs under ``torch.inference_mode`` (no autograd bookkeeping on the per-step tensors, ~4%
-        of a CartPole rollout); the batch's tensors are assembled outside it, so training can differentiate
+        The policy runs under ``torch.inference_mode`` (no autograd bookkeeping on the per-step tensors); the
+        batch's tensors are assembled outside it, so training can differentiate
         through them. A policy must therefore not keep tensors made in ``forward`` for later backward passes.
         """
         num_steps = self.steps_per_env if num_steps is None else num_steps
@@ -214,8 +214,8 @@ class RolloutCollector:
 class _Storage:
     """A batch's per-step rows in arrays allocated before the loop, so that a step costs only row writes.
 
-    Keeping each step's action and log-prob tensors alive instead costs ~10% at 1024 envs (fresh memory every
-    step). ``logp`` lives on the policy's device; everything the env needs or returns stays on the host.
+    Keeping each step's action and log-prob tensors alive instead allocates fresh memory every step
+    (measured in ``benchmarks/README.md``). ``logp`` lives on the policy's device; everything the env needs or returns stays on the host.
     """
 
     def __init__(self, capacity: int, envs: VectorEnv, device: torch.device, dtype: torch.dtype):

@@ -2,11 +2,9 @@
 
 torch starts one intra-op thread per core. Two such processes on the same cores oversubscribe them:
 OpenMP threads that finish a parallel region spin while they wait for the next one, on cores the other
-process needs (docs/architecture.md, trap 12 and "Threads"). Measured on a 2-core machine
-(``benchmarks/shared_machine.py``): two default CartPole runs started together each kept 6-8% of their solo
-env steps/s with torch's default and 99% with one thread; a lone run is as fast with one thread as with two. Only large networks gain
-from more threads when they have the machine to themselves (a Nature-CNN update on a 256 x 4 x 84 x 84
-batch: 1.7x faster with 2 threads alone, 2.3x slower than 1 thread each when two runs share the cores).
+process needs (docs/architecture.md, trap 12 and "Threads"; the measurements are in ``benchmarks/README.md``,
+by ``benchmarks/shared_machine.py``). One thread keeps two runs at nearly their solo speed and costs a lone
+small-network run nothing; only large networks that have the machine to themselves gain from more.
 """
 
 from __future__ import annotations
