@@ -40,7 +40,8 @@ class Evaluation(Callback):
             this many env steps: a schedule that does not depend on the batch size (small batches would
             otherwise spend most of the run evaluating).
         stop_on_solve: stop training when the eval mean reaches the reward threshold.
-        seed: seed of the eval envs' first reset (later evaluations continue their RNG streams).
+        seed: seed of the eval envs' first reset (later evaluations continue their RNG streams); ``None``: the
+            module's ``eval_seed``, the seed ``trainer.validate`` uses too.
         video: an mp4 path: at the end of training, render one deterministic episode, write it there and,
             with a W&B logger, log it as ``eval/video`` (needs the ``video`` extra; a rendering failure is
             reported as a warning, the run is kept). ``None``: no video.
@@ -50,7 +51,7 @@ class Evaluation(Callback):
         self,
         every_n_iterations: int = 5,
         stop_on_solve: bool = True,
-        seed: int = 10_000,
+        seed: int | None = None,
         video: str | Path | None = None,
         every_n_env_steps: int | None = None,
     ):
@@ -75,6 +76,8 @@ class Evaluation(Callback):
         self.reward_threshold = module.env.reward_threshold
         if self.envs is None:
             self.envs = module.env.make(num_envs=module.eval_episodes)
+            if self.seed is None:
+                self.seed = module.eval_seed
             self._next_seed: int | None = self.seed
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

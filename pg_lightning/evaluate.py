@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         module = load_module(args.path)
-        seed = args.seed if args.seed is not None else module.seed + 10_000  # the training's evaluation seed
+        seed = args.seed if args.seed is not None else module.eval_seed  # the training's evaluation seed
         envs = module.env.make(num_envs=args.episodes)
         try:
             returns = evaluate_policy(module.policy, envs, seed=seed)

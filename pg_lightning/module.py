@@ -45,7 +45,7 @@ from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import check_policy, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.threads import DEFAULT_TORCH_THREADS, check_torch_threads, set_torch_threads
-from pg_lightning.validation import non_negative, positive_int, positive_number, require
+from pg_lightning.validation import boolean, non_negative, positive_int, positive_number, require
 from pg_lightning.update import GuardedStep, Precondition, SkipCounter, check_gradient_clipping, update_policy
 from pg_lightning.value import ValueFunction, fit_value, value_optimizer
 
@@ -91,7 +91,7 @@ class PolicyGradientModule(LightningModule):
         anneal_lr: multiply every optimizer's learning rate by 1 - env_steps / total_env_steps before each
             iteration's update (linear decay to 0 over the budget); needs ``total_env_steps``.
         eval_episodes: deterministic episodes of ``trainer.validate`` (the validation loop), one per eval env,
-            reset with seed ``seed + 10_000`` as the ``Evaluation`` callback's during training.
+            reset with seed ``eval_seed`` (``seed + 10_000``), as the ``Evaluation`` callback's during training.
     """
 
     def __init__(
@@ -132,8 +132,10 @@ class PolicyGradientModule(LightningModule):
         if max_grad_norm is not None:
             require("max_grad_norm", max_grad_norm, positive_number, "a positive number or null")
         require("entropy_coef", entropy_coef, non_negative, "a non-negative number")
-        if not isinstance(anneal_lr, bool):
-            raise ValueError(f"anneal_lr must be true or false, got {anneal_lr!r}")
+        for key, flag in (("anneal_lr", anneal_lr), ("scale_rewards", scale_rewards),
+                          ("normalize_observations", normalize_observations)):
+            require(key, flag, boolean, "true or false")
+        require("whole_episodes", whole_episodes, lambda v: v is None or boolean(v), "true, false or null")
         if anneal_lr and total_env_steps is None:
             raise ValueError("anneal_lr=true decays the learning rate over total_env_steps, which is null: set a budget")
         natural_gradient = isinstance(optimizer, NaturalGradient)
@@ -146,12 +148,6 @@ class PolicyGradientModule(LightningModule):
         self.max_grad_norm = max_grad_norm
         self.entropy_coef = entropy_coef
         self.anneal_lr = anneal_lr
-        if not isinstance(scale_rewards, bool):
-            raise ValueError(f"scale_rewards must be true or false, got {scale_rewards!r}")
-        if not isinstance(normalize_observations, bool):
-            raise ValueError(f"normalize_observations must be true or false, got {normalize_observations!r}")
-        if whole_episodes not in (None, True, False):
-            raise ValueError(f"whole_episodes must be true, false or null, got {whole_episodes!r}")
         self.max_iterations = max_iterations
         # Every argument above is checked before the env is made (spaces() makes one).
         self.env = env if isinstance(env, VectorEnvFactory) else VectorEnvFactory(id=env)
@@ -168,7 +164,6 @@ class PolicyGradientModule(LightningModule):
         if normalize_observations:
             policy = NormalizedObservations(policy, observation_space.shape)
             value_fn = None if value_fn is None else NormalizedObservations(value_fn, observation_space.shape)
-        self.normalize_observations = normalize_observations
         self.reward_scaler = RewardScaler(self.env.num_envs, self.estimator.gamma) if scale_rewards else None
         self.policy = policy
         self.value_fn = value_fn
@@ -184,6 +179,7 @@ class PolicyGradientModule(LightningModule):
         self.eval_episodes = eval_episodes
         self.grad_variance_groups = grad_variance_groups
         self.skips = SkipCounter(max_skipped_updates, where=self._position)
+        self._limit_val_batches: int | float | None = None  # the trainer's, while fit turns validation off
         self.collector: RolloutCollector | None = None
         self.reduction = LOCAL  # all-reduces of batch statistics once a multi-process run is set up
         # Run counters over all ranks (the budget and summary.json use these).
@@ -191,6 +187,11 @@ class PolicyGradientModule(LightningModule):
         self.iterations = 0
         self.train_return_mean = math.nan
         self._last_step_time: float | None = None
+
+    @property
+    def eval_seed(self) -> int:
+        """The seed of the evaluation envs' first reset: apart from the training envs' ``seed + i``."""
+        return self.seed + 10_000
 
     @classmethod
     def from_run(cls, path: str | os.PathLike) -> PolicyGradientModule:
@@ -276,7 +277,7 @@ class PolicyGradientModule(LightningModule):
             torch.manual_seed(self.seed + 1_000_003 * rank)
 
     def teardown(self, stage: str) -> None:
-        if stage == "fit" and getattr(self, "_limit_val_batches", None) is not None:
+        if stage == "fit" and self._limit_val_batches is not None:
             self.trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
         if self.collector is not None:
             self.collector.close()
@@ -292,7 +293,7 @@ class PolicyGradientModule(LightningModule):
 
     def val_dataloader(self) -> DataLoader:
         """One item, the eval envs' seed: ``trainer.validate`` runs one deterministic evaluation."""
-        return DataLoader([self.seed + 10_000], batch_size=None)
+        return DataLoader([self.eval_seed], batch_size=None)
 
     def validation_step(self, seed: int, batch_idx: int) -> None:
         """Returns of ``eval_episodes`` deterministic episodes (the mode of π), logged as ``eval/return_mean``
@@ -327,14 +328,14 @@ class PolicyGradientModule(LightningModule):
             metrics.update(fit_value(self.value_fn, batch.obs[:-1], result.estimate.value_targets, batch.valid,
                                      values[:-1], self.estimator.value.steps, value_step,
                                      self.estimator.value.minibatch_size))
-        if self.normalize_observations:
-            self._update_normalizers(batch)
+        self._update_normalizers(batch)
         if self.reward_scaler is not None:
             self.reward_scaler.update(batch.rew, batch.valid, batch.done, self.reduction)
         self._log_iteration(batch, result.estimate.mask, result.loss, result.entropy, metrics)
 
     def _update_normalizers(self, batch: RolloutBatch) -> None:
-        """The batch's observations join the running statistics, after the update that used the old ones."""
+        """The batch's observations join the running statistics of the networks that normalise theirs (none
+        without ``normalize_observations``), after the update that used the old ones."""
         obs = batch.obs[:-1][batch.valid]
         for model in (self.policy, self.value_fn):
             if isinstance(model, NormalizedObservations):
@@ -342,8 +343,7 @@ class PolicyGradientModule(LightningModule):
 
     def _guarded_steps(self) -> tuple[GuardedStep, GuardedStep | None]:
         """The policy's optimizer step (its loss scaled by the world size, see ``GuardedStep``) and V_φ's."""
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        optimizers = self._optimizer_list()
         policy_step = GuardedStep(optimizers[0], self.policy, self.manual_backward, self.reduction, self.skips,
                                   loss_scale=self.reduction.world_size, ends_streak=True,
                                   max_grad_norm=self.max_grad_norm)
@@ -352,13 +352,17 @@ class PolicyGradientModule(LightningModule):
         return policy_step, GuardedStep(optimizers[1], self.value_fn, self.manual_backward, self.reduction, self.skips,
                                         max_grad_norm=self.max_grad_norm)
 
+    def _optimizer_list(self) -> list:
+        """Lightning's optimizers of this module as a list (``optimizers()`` returns one bare when there is one)."""
+        optimizers = self.optimizers()
+        return optimizers if isinstance(optimizers, list) else [optimizers]
+
     def _anneal_learning_rates(self) -> None:
         """lr = lr₀ · (1 - env_steps / total_env_steps) for every optimizer, from the env steps so far (so a
         resumed run continues the same schedule); lr₀ is kept in each param group as ``initial_lr``."""
         assert self.total_env_steps is not None
         fraction = max(1.0 - self.env_steps / self.total_env_steps, 0.0)
-        optimizers = self.optimizers()
-        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+        for optimizer in self._optimizer_list():
             for group in optimizer.optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
                 group["lr"] = group["initial_lr"] * fraction

@@ -60,8 +60,8 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Run:
     try:
         # The callbacks first: their constructors check their keys before the module makes an env.
         video = run_dir / "video.mp4" if cfg.get("video") else None
-        evaluation = Evaluation(cfg.eval.every_n_iterations, stop_on_solve=cfg.stop_on_solve, seed=cfg.seed + 10_000,
-                                video=video, every_n_env_steps=cfg.eval.get("every_n_env_steps"))
+        evaluation = Evaluation(cfg.eval.every_n_iterations, stop_on_solve=cfg.stop_on_solve, video=video,
+                                every_n_env_steps=cfg.eval.get("every_n_env_steps"))
         checkpoint = CrashSafeCheckpoint(run_dir / "last.ckpt", cfg.checkpoint.every_n_iterations)
         module = make_module(cfg)
         tags = [module.env.id, module.estimator.name, f"off_policy={module.off_policy.kind}"]

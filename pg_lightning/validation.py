@@ -55,6 +55,10 @@ def non_negative(value: Any) -> bool:
     return finite_number(value) and value >= 0
 
 
+def boolean(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
 def require(key: str, value: Any, check: Callable[[Any], bool], expected: str, error: type = ValueError) -> None:
     """Raise ``error("<key> must be <expected>, got <value>")`` unless ``check(value)``: the one message format
     of every refused value, in configs and in constructors alike."""
@@ -71,7 +75,7 @@ INTEGER_KEYS = ("total_env_steps", "steps_per_env", "max_iterations", "env.num_e
 # env is made; this module keeps only these and the rules that span groups.
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_is_int, "an integer"),  # seed_everything runs before the module that would check it
-    "verbose": (lambda v: isinstance(v, bool), "true or false"),
+    "verbose": (boolean, "true or false"),
     "optimizer.lr": (positive_number, "a positive number"),  # torch's optimizers accept lr=0
 }
 
