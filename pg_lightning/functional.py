@@ -280,10 +280,11 @@ def per_step_surrogate(
         J~ = (1/N) Σ_t ρ_t Ψ_t,   ρ_t = π_θ(a_t|s_t) / π_b(a_t|s_t) = exp(``log_ratio``)
 
     Its gradient Σ_t ρ_t ∇log π_θ(a_t|s_t) Ψ_t / N ignores the change of the state distribution: biased
-    unless θ = θ_b, far lower variance than the trajectory product. ``[T, B]`` inputs; N ≥ 1 is used.
+    unless θ = θ_b, far lower variance than the trajectory product. ``[T, B]`` inputs; N > 0 (fractional for
+    a minibatch of steps, ``off_policy.select_steps``; 1 is used for 0).
     """
     terms = rho * weights
-    return (terms * mask.to(weights.dtype)).sum() / max(float(num_segments), 1.0)
+    return (terms * mask.to(weights.dtype)).sum() / positive_count(num_segments)
 
 
 def clipped_surrogate(
@@ -296,7 +297,12 @@ def clipped_surrogate(
     It equals ``per_step_surrogate`` while ρ_t stays in [1 - ε, 1 + ε] and stops rewarding moves beyond.
     """
     terms = torch.minimum(rho * weights, rho.clamp(1 - clip_ratio, 1 + clip_ratio) * weights)
-    return (terms * mask.to(weights.dtype)).sum() / max(float(num_segments), 1.0)
+    return (terms * mask.to(weights.dtype)).sum() / positive_count(num_segments)
+
+
+def positive_count(count: torch.Tensor | float) -> float:
+    """N for a division: N itself when positive, 1 when no segment is used (the sum is 0 then)."""
+    return float(count) if float(count) > 0 else 1.0
 
 
 # --- The KL estimate ----------------------------------------------------------------------------------------

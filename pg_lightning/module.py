@@ -37,7 +37,7 @@ from pg_lightning.batch import RolloutBatch
 from pg_lightning.diagnostics import gradient_statistics, sub_batch_gradients
 from pg_lightning.envs import VectorEnvFactory, check_action_space
 from pg_lightning.distributed import LOCAL, reduction_for
-from pg_lightning.estimators import Estimator
+from pg_lightning.estimators import Estimator, EstimatorOutput
 from pg_lightning.evaluation import evaluate_policy
 from pg_lightning.natural_gradient import NaturalGradient
 from pg_lightning.normalization import NormalizedObservations, RewardScaler
@@ -46,8 +46,9 @@ from pg_lightning.policies import check_policy, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.threads import DEFAULT_TORCH_THREADS, check_torch_threads, set_torch_threads
 from pg_lightning.validation import boolean, non_negative, positive_int, positive_number, require
-from pg_lightning.update import GuardedStep, Precondition, SkipCounter, check_gradient_clipping, update_policy
-from pg_lightning.value import ValueFunction, fit_value, value_optimizer
+from pg_lightning.update import (GuardedStep, Precondition, SkipCounter, StepTogether, check_gradient_clipping,
+                                 update_policy)
+from pg_lightning.value import ValueFunction, explained_variance, fit_value, value_loss, value_optimizer
 
 PolicyFactory = Callable[[gym.Space, gym.Space], nn.Module]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -145,6 +146,11 @@ class PolicyGradientModule(LightningModule):
                 f"{key} cannot be combined with optimizer=natural_gradient: its step is sized to the KL radius "
                 "(optimizer.max_kl), which rescaling the gradient or the learning rate would undo"
             )
+        if natural_gradient and estimator is not None and estimator.value is not None and estimator.value.shared_step_coef:
+            raise ValueError(
+                f"estimator.value.shared_step_coef={estimator.value.shared_step_coef} cannot be combined with "
+                "optimizer=natural_gradient: its step preconditions the policy's gradient alone; leave it null"
+            )
         self.max_grad_norm = max_grad_norm
         self.entropy_coef = entropy_coef
         self.anneal_lr = anneal_lr
@@ -168,12 +174,12 @@ class PolicyGradientModule(LightningModule):
         self.policy = policy
         self.value_fn = value_fn
         self.automatic_optimization = False
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-2)
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-2, foreach=True)
         self.off_policy = off_policy or OffPolicy()
+        self.steps_per_env = steps_per_env
         self._check_off_policy()
         # The current batch and the `reuse_batches` before it, each with its behaviour log-probs.
         self.replay: deque[RolloutBatch] = deque(maxlen=self.off_policy.reuse_batches + 1)
-        self.steps_per_env = steps_per_env
         self.total_env_steps = total_env_steps
         self.seed = seed
         self.eval_episodes = eval_episodes
@@ -241,10 +247,16 @@ class PolicyGradientModule(LightningModule):
                 f"off_policy.kind={kind} cannot be combined with optimizer=natural_gradient "
                 "(its step is computed from the on-policy batch); use optimizer=adam or sgd"
             )
-        if self.off_policy.minibatches > self.env.num_envs:
+        if self.off_policy.minibatch_unit == "envs" and self.off_policy.minibatches > self.env.num_envs:
             raise ValueError(
                 f"off_policy.minibatches={self.off_policy.minibatches} is more than env.num_envs={self.env.num_envs} "
-                "(a minibatch is a group of envs, so that trajectories stay whole)"
+                "(a minibatch is a group of envs, so that trajectories stay whole); for the per-step kinds "
+                "off_policy.minibatch_unit=steps draws minibatches of steps instead"
+            )
+        if self.off_policy.minibatch_unit == "steps" and self.off_policy.minibatches > self.env.num_envs * self.steps_per_env:
+            raise ValueError(
+                f"off_policy.minibatches={self.off_policy.minibatches} is more than the batch's "
+                f"env.num_envs x steps_per_env = {self.env.num_envs * self.steps_per_env} steps"
             )
 
     def setup(self, stage: str) -> None:
@@ -320,14 +332,21 @@ class PolicyGradientModule(LightningModule):
             self._anneal_learning_rates()
         values = self._values(batch)  # [T + 1, B], V_φ before this batch's fit
         metrics = self._gradient_variance(batch)
+        shared_coef = self.estimator.value.shared_step_coef if self.estimator.value is not None else None
         result = update_policy(self.policy, self._kept_batches(batch, values), self.estimator, self.off_policy,
-                               policy_step, self.reduction, self._precondition(), self.entropy_coef)
+                               policy_step, self.reduction, self._precondition(), self.entropy_coef,
+                               value_loss=self._minibatch_value_loss if shared_coef is not None else None,
+                               value_coef=shared_coef or 0.0)
         metrics.update(result.metrics)
         if self.value_fn is not None:
-            assert self.estimator.value is not None and values is not None and value_step is not None
-            metrics.update(fit_value(self.value_fn, batch.obs[:-1], result.estimate.value_targets, batch.valid,
-                                     values[:-1], self.estimator.value.steps, value_step,
-                                     self.estimator.value.minibatch_size))
+            assert self.estimator.value is not None and values is not None
+            if value_step is None:  # V_φ shared the policy's steps
+                metrics["diag/explained_variance"] = explained_variance(result.estimate.value_targets, values[:-1],
+                                                                        batch.valid)
+            else:
+                metrics.update(fit_value(self.value_fn, batch.obs[:-1], result.estimate.value_targets, batch.valid,
+                                         values[:-1], self.estimator.value.steps, value_step,
+                                         self.estimator.value.minibatch_size))
         self._update_normalizers(batch)
         if self.reward_scaler is not None:
             self.reward_scaler.update(batch.rew, batch.valid, batch.done, self.reduction)
@@ -342,8 +361,14 @@ class PolicyGradientModule(LightningModule):
                 model.update_normalizer(obs, self.reduction)
 
     def _guarded_steps(self) -> tuple[GuardedStep, GuardedStep | None]:
-        """The policy's optimizer step (its loss scaled by the world size, see ``GuardedStep``) and V_φ's."""
+        """The policy's optimizer step (its loss scaled by the world size, see ``GuardedStep``) and V_φ's; or,
+        when V_φ shares the policy's steps, one step of both (V_φ's own: None)."""
         optimizers = self._optimizer_list()
+        if self.value_fn is not None and self.estimator.value is not None and self.estimator.value.shared_step_coef:
+            both = nn.ModuleList([self.policy, self.value_fn])  # a view for the gradient checks and the clipping
+            return GuardedStep(StepTogether(*optimizers), both, self.manual_backward, self.reduction, self.skips,
+                               loss_scale=self.reduction.world_size, ends_streak=True,
+                               max_grad_norm=self.max_grad_norm), None
         policy_step = GuardedStep(optimizers[0], self.policy, self.manual_backward, self.reduction, self.skips,
                                   loss_scale=self.reduction.world_size, ends_streak=True,
                                   max_grad_norm=self.max_grad_norm)
@@ -356,6 +381,11 @@ class PolicyGradientModule(LightningModule):
         """Lightning's optimizers of this module as a list (``optimizers()`` returns one bare when there is one)."""
         optimizers = self.optimizers()
         return optimizers if isinstance(optimizers, list) else [optimizers]
+
+    def _minibatch_value_loss(self, data: RolloutBatch, part: EstimatorOutput) -> torch.Tensor:
+        """L_V on a minibatch's steps, for the step V_φ shares with the policy (λ-return or Q̂ targets)."""
+        assert self.value_fn is not None and part.value_targets is not None
+        return value_loss(self.value_fn, data.obs[:-1], part.value_targets, part.mask)
 
     def _anneal_learning_rates(self) -> None:
         """lr = lr₀ · (1 - env_steps / total_env_steps) for every optimizer, from the env steps so far (so a

@@ -39,8 +39,18 @@ class RunningNormalizer(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = (self.var + self.eps).sqrt()
-        return ((x - self.mean.to(x.dtype)) / scale.to(x.dtype)).clamp(-self.clip, self.clip)
+        mean, scale = self._affine(x.dtype)
+        return ((x - mean) / scale).clamp(-self.clip, self.clip)
+
+    def _affine(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ and sqrt(σ² + ε) in ``dtype``, computed again only after the buffers changed (an update, a load:
+        their version counters), not at every env step. (Tensors made in inference mode stay in it.)"""
+        key = (dtype, self.mean.device, self.mean._version, self.var._version, torch.is_inference_mode_enabled())
+        cache = self.__dict__.get("_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self.mean.to(dtype), (self.var + self.eps).sqrt().to(dtype))
+            self.__dict__["_cache"] = cache
+        return cache[1], cache[2]
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, reduction: Reduction = LOCAL) -> None:

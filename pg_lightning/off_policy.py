@@ -29,10 +29,11 @@ from pg_lightning.segments import masked_mean, segment_sum
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.distributed import LOCAL, Reduction
 from pg_lightning.estimators import EstimatorOutput
-from pg_lightning.validation import non_negative, non_negative_int, positive_int, positive_number, require
+from pg_lightning.validation import boolean, non_negative, non_negative_int, positive_int, positive_number, require
 
 OffPolicyKind = Literal["none", "trajectory", "per_step", "clipped"]
 KINDS = ("none", "trajectory", "per_step", "clipped")
+MINIBATCH_UNITS = ("envs", "steps")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class OffPolicy:
 
     Each iteration collects one batch, keeps it with the ``reuse_batches`` batches before it, and takes
     ``updates_per_batch`` passes over all of them; each pass splits every batch into ``minibatches``
-    groups of envs (whole trajectories stay together) and takes one optimizer step per group.
+    parts and takes one optimizer step per part: groups of envs (whole trajectories stay together), or, for
+    the per-step kinds, sets of steps drawn without replacement (as PPO's implementations do).
 
     Args:
         kind: ``none`` (on-policy), ``trajectory``, ``per_step`` or ``clipped`` (see the module docstring).
@@ -51,7 +53,12 @@ class OffPolicy:
         kl_coef: β of the KL(π_b ‖ π_θ) penalty, any importance-sampled kind.
         reuse_batches: how many past batches are kept and replayed next to the new one.
         updates_per_batch: passes over the kept batches per collected batch.
-        minibatches: optimizer steps per batch and pass (the batch's envs split into this many groups).
+        minibatches: optimizer steps per batch and pass (the batch split into this many parts).
+        minibatch_unit: what a part is made of: ``envs`` (a group of env columns, any kind) or ``steps``
+            (``per_step`` and ``clipped`` only: a random set of the batch's used steps whose loss is the mean
+            over its steps, see ``select_steps``).
+        normalize_minibatch: standardise Ψ over each minibatch's steps, (Ψ - mean) / std, before its loss
+            (PPO's per-minibatch advantage normalisation; over all ranks' parts of the minibatch).
     """
 
     kind: OffPolicyKind = "none"
@@ -62,6 +69,8 @@ class OffPolicy:
     reuse_batches: int = 0
     updates_per_batch: int = 1
     minibatches: int = 1
+    minibatch_unit: str = "envs"
+    normalize_minibatch: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -71,13 +80,22 @@ class OffPolicy:
         require("off_policy.reuse_batches", self.reuse_batches, non_negative_int, "a non-negative integer")
         require("off_policy.updates_per_batch", self.updates_per_batch, positive_int, "a positive integer")
         require("off_policy.minibatches", self.minibatches, positive_int, "a positive integer")
+        if self.minibatch_unit not in MINIBATCH_UNITS:
+            raise ValueError(f"off_policy.minibatch_unit must be envs or steps, got {self.minibatch_unit!r}")
+        if self.minibatch_unit == "steps" and self.kind not in ("per_step", "clipped"):
+            raise ValueError(
+                f"off_policy.minibatch_unit=steps needs a per-step kind (per_step or clipped), got kind={self.kind!r}: "
+                "the trajectory kind weights whole trajectories, which a set of steps splits"
+            )
+        require("off_policy.normalize_minibatch", self.normalize_minibatch, boolean, "true or false")
         if self.truncate is not None:
             require("off_policy.truncate", self.truncate, positive_number, "a positive number or null")
         if self.kind != "trajectory" and (self.truncate is not None or self.self_normalize):
             key = "truncate" if self.truncate is not None else "self_normalize"
             raise ValueError(f"off_policy.{key} is only used with off_policy.kind=trajectory, got kind={self.kind!r}")
         if self.kind == "none":
-            for key, default in (("reuse_batches", 0), ("updates_per_batch", 1), ("minibatches", 1), ("kl_coef", 0.0)):
+            for key, default in (("reuse_batches", 0), ("updates_per_batch", 1), ("minibatches", 1), ("kl_coef", 0.0),
+                                 ("normalize_minibatch", False)):
                 if getattr(self, key) != default:
                     raise ValueError(
                         f"off_policy.{key}={getattr(self, key)} needs an importance-sampled off_policy.kind "
@@ -115,7 +133,7 @@ def importance_loss(
     log_rho = F.log_ratio(logp, batch.logp_behavior)
     mask, weights = estimate.mask, estimate.weights.detach()
     used = mask.to(logp.dtype)
-    count = max(float(estimate.num_segments), 1.0)
+    count = F.positive_count(estimate.num_segments)
     rho = log_rho.exp()
     clip_fraction = logp.new_zeros(())
     if off_policy.kind == "trajectory":
@@ -159,3 +177,59 @@ def select_estimate(estimate: EstimatorOutput, envs: torch.Tensor, reduction: Re
         num_segments=num_segments,
         value_targets=None if estimate.value_targets is None else estimate.value_targets[:, envs],
     )
+
+
+def select_steps(
+    batch: RolloutBatch, estimate: EstimatorOutput, index: torch.Tensor, minibatch_steps: float
+) -> tuple[RolloutBatch, EstimatorOutput]:
+    """The steps ``index`` (flat indices into ``[T, B]``) as a batch of k one-step columns, ``[1, k]``.
+
+    Column j holds step (t, b): ``obs[t, b]`` and ``obs[t + 1, b]``, its action, reward, ends, behaviour
+    log-prob, Ψ and V_φ target. The per-step kinds' loss needs nothing else (no trajectory is rebuilt).
+
+    The divisor N becomes K = ``minibatch_steps``, the minibatch's steps over all ranks: its loss is the mean
+    (1/K) Σ_j ℓ_j, as in PPO's reference implementations. Drawn uniformly without replacement from the
+    batch's M used steps, that is (N/M) times an unbiased estimate of the batch's (1/N) Σ_t ℓ_t: a positive
+    factor per batch, so the direction is the lecture's, and a shared V_φ loss weight and a gradient-norm
+    bound mean what they mean there (per-step means on both sides).
+    """
+    steps, envs = index // batch.num_envs, index % batch.num_envs
+    k = len(index)
+    data = RolloutBatch(
+        obs=torch.stack([batch.obs[steps, envs], batch.obs[steps + 1, envs]]),
+        act=batch.act[steps, envs].unsqueeze(0),
+        rew=batch.rew[steps, envs].unsqueeze(0),
+        terminated=batch.terminated[steps, envs].unsqueeze(0),
+        truncated=batch.truncated[steps, envs].unsqueeze(0),
+        valid=batch.valid[steps, envs].unsqueeze(0),
+        logp_behavior=batch.logp_behavior[steps, envs].unsqueeze(0),
+        # No episode runs on from before a one-step column.
+        return_before=torch.zeros(k, dtype=batch.return_before.dtype, device=index.device),
+        length_before=torch.zeros(k, dtype=batch.length_before.dtype, device=index.device),
+    )
+    part = EstimatorOutput(
+        weights=estimate.weights[steps, envs].unsqueeze(0),
+        mask=estimate.mask[steps, envs].unsqueeze(0),
+        segments=estimate.segments[steps, envs].unsqueeze(0),
+        num_segments=torch.tensor(minibatch_steps, device=index.device),
+        value_targets=None if estimate.value_targets is None else estimate.value_targets[steps, envs].unsqueeze(0),
+    )
+    return data, part
+
+
+def normalize_minibatch(estimate: EstimatorOutput, reduction: Reduction = LOCAL, eps: float = 1e-8) -> EstimatorOutput:
+    """Ψ standardised over the minibatch's used steps, (Ψ - mean) / (std + eps), mean and std over all ranks.
+
+    PPO's per-minibatch advantage normalisation (Huang et al. 2022, detail 7). Its own mean makes it biased
+    for small minibatches, unlike ``functional.standardize`` of the whole batch; it is an implementation
+    detail the MuJoCo presets reproduce, not an estimator.
+    """
+    used = estimate.mask.to(torch.float64)
+    x = estimate.weights.double()
+    count, total, squares = reduction.sum(torch.stack([used.sum(), (x * used).sum(), (x * x * used).sum()]))
+    mean = total / count.clamp(min=1)
+    std = (squares / count.clamp(min=1) - mean**2).clamp(min=0).sqrt()
+    # Bessel's correction, as torch.std in the reference implementations.
+    std = std * (count / (count - 1).clamp(min=1)).sqrt()
+    weights = ((x - mean) / (std + eps) * used).to(estimate.weights.dtype)
+    return EstimatorOutput(weights, estimate.mask, estimate.segments, estimate.num_segments, estimate.value_targets)

@@ -1,16 +1,19 @@
-"""One loop for every first-order policy update: kept batches × passes × minibatches of envs.
+"""One loop for every first-order policy update: kept batches × passes × minibatches (of envs or of steps).
 
 On-policy training (lecture §2, §7.2) is the 1 × 1 × 1 case: the batch just collected, one pass, one step on
 the pseudo-loss -(1/N) Σ_i Σ_t log π_θ(a_it|s_it) Ψ_it. Importance-sampled reuse (lecture §6) keeps the
 ``reuse_batches`` batches before it too, takes ``updates_per_batch`` passes over all of them, and splits each
-batch into ``minibatches`` groups of envs, one optimizer step on the importance-weighted loss per group.
+batch into ``minibatches`` groups of envs (or, for the per-step kinds, sets of steps), one optimizer step on
+the importance-weighted loss per part.
 
 Ψ of each kept batch is computed once, before any step (with the current V_φ for value presets), so it is a
 constant of the loss; the ratios ρ_t move with θ from step to step.
 
 ``GuardedStep`` is the one place an optimizer steps: it skips a step whose loss or gradient is not finite,
 and scales the policy's loss for DDP. ``SkipCounter`` counts skipped steps and stops a run that keeps
-skipping.
+skipping. With ``estimator.value.shared_step_coef`` = c the policy and V_φ share each step: the loss is the
+policy's plus c times V_φ's regression loss on the minibatch's steps (``StepTogether`` steps both optimizers),
+as PPO's and A2C's reference implementations train an actor and a critic.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pg_lightning.distributed import Reduction
 from pg_lightning.estimators import Estimator, EstimatorOutput
 from pg_lightning.segments import masked_mean
 from pg_lightning.gradient import PolicyLoss, on_policy_loss
-from pg_lightning.off_policy import OffPolicy, importance_loss, select_estimate
+from pg_lightning.off_policy import OffPolicy, importance_loss, normalize_minibatch, select_estimate, select_steps
 
 
 class NonFiniteUpdatesError(RuntimeError):
@@ -56,6 +59,23 @@ class SkipCounter:
                 "Lower the learning rate, check the env's rewards and observations for NaN/inf, or set "
                 "estimator.normalize=true"
             )
+
+
+class StepTogether:
+    """Several optimizers as one (``zero_grad`` and ``step`` of each), for a step that trains several models
+    on one loss: the policy and V_φ with ``estimator.value.shared_step_coef``. Adam is per-parameter, so two
+    Adams with equal settings step exactly as one Adam over both models would."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
 
 
 @dataclass
@@ -88,17 +108,25 @@ class GuardedStep:
     ends_streak: bool = False
     max_grad_norm: float | None = None
 
+    def __post_init__(self) -> None:
+        self.params = list(self.model.parameters())  # walked once, not at every step
+
     def __call__(self, loss: torch.Tensor, before_step: Callable[[], None] | None = None) -> bool:
-        """Backward and step; ``before_step`` may rewrite the gradients first (the natural gradient). True if stepped."""
+        """Backward and step; ``before_step`` may rewrite the gradients first (the natural gradient). True if stepped.
+
+        One global gradient norm serves both checks: it is finite iff every gradient entry is (short of an
+        overflow of the norm itself, which skips too), and it is the norm that ``max_grad_norm`` bounds.
+        """
         self.optimizer.zero_grad()
         finite = not self.reduction.any(not bool(torch.isfinite(loss)), loss.device)
         if finite:
             self.backward(loss * self.loss_scale if self.loss_scale != 1.0 else loss)
-            grads = [p.grad.reshape(-1) for p in self.model.parameters() if p.grad is not None]
-            finite = not grads or bool(torch.cat(grads).isfinite().all())  # one check, not one per tensor
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            finite = norm is None or bool(norm.isfinite())
         if finite:
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            if self.max_grad_norm is not None and norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
             if before_step is not None:
                 before_step()
             self.optimizer.step()
@@ -138,10 +166,10 @@ class UpdateResult:
 
     Attributes:
         estimate: the current batch's estimator output (its ``value_targets`` fit V_φ).
-        loss: the mean loss of the steps taken (on-policy: the batch's pseudo-loss).
+        loss: the mean policy loss of the steps taken (on-policy: the batch's pseudo-loss).
         entropy: the policy's mean entropy on the current batch, before the update.
-        metrics: ``diag/ess``, ``diag/approx_kl``, ``diag/clip_fraction`` (importance-sampled kinds) and the
-            precondition's statistics (``npg/*``).
+        metrics: ``diag/ess``, ``diag/approx_kl``, ``diag/clip_fraction`` (importance-sampled kinds), the
+            precondition's statistics (``npg/*``) and, when V_φ shares the steps, ``loss/value`` (its mean).
     """
 
     estimate: EstimatorOutput
@@ -159,6 +187,8 @@ def update_policy(
     reduction: Reduction,
     precondition: Precondition | None = None,
     entropy_coef: float = 0.0,
+    value_loss: Callable[[RolloutBatch, EstimatorOutput], torch.Tensor] | None = None,
+    value_coef: float = 0.0,
 ) -> UpdateResult:
     """Every optimizer step of one iteration on the kept batches; the current batch is ``kept[-1]``.
 
@@ -168,6 +198,10 @@ def update_policy(
         precondition: rewrites the policy's gradient before the step (on-policy only: the natural gradient).
         entropy_coef: c of the entropy bonus: each step minimises loss - c · H̄, H̄ the mean entropy of π over
             the minibatch's steps (``loss/policy`` is logged without it).
+        value_loss: ``(minibatch, its estimate) -> L_V``, V_φ's regression loss on the minibatch's steps, when
+            V_φ shares the policy's steps (``step`` then steps both optimizers): each step's loss gets
+            ``value_coef`` · L_V, divided here by the step's ``loss_scale`` so that after the DDP scaling it
+            is c · L_V, a per-rank mean like V_φ's own fit.
     """
     current = kept[-1][0]
     with torch.no_grad():
@@ -176,14 +210,24 @@ def update_policy(
     losses: list[torch.Tensor] = []
     diagnostics: dict[str, list[torch.Tensor]] = {}
     metrics: dict[str, torch.Tensor | float] = {}
+
+    def with_value(loss: torch.Tensor, data: RolloutBatch, part: EstimatorOutput) -> torch.Tensor:
+        if value_loss is None:
+            return loss
+        value = value_loss(data, part)
+        diagnostics.setdefault("loss/value", []).append(value.detach())
+        return loss + value_coef * value / step.loss_scale
+
     for _ in range(off_policy.updates_per_batch):
         for batch, estimate in estimates:
             for data, part in minibatches(batch, estimate, off_policy, reduction):
                 if not reduction.any(bool(part.mask.any()), part.mask.device):
                     continue  # no step has a known weight (no episode ended, no value to bootstrap)
                 if off_policy.reuses_data:
+                    if off_policy.normalize_minibatch:
+                        part = normalize_minibatch(part, reduction)
                     result = importance_loss(policy, data, part, off_policy, reduction)
-                    step(with_entropy_bonus(result.loss, result.dist, data, entropy_coef))
+                    step(with_value(with_entropy_bonus(result.loss, result.dist, data, entropy_coef), data, part))
                     for key, value in (("ess", result.ess), ("approx_kl", result.approx_kl),
                                        ("clip_fraction", result.clip_fraction)):
                         diagnostics.setdefault(f"diag/{key}", []).append(value)
@@ -191,7 +235,8 @@ def update_policy(
                 else:
                     loss = on_policy_loss(policy, data, part, estimator, reduction)
                     hook = None if precondition is None else lambda: metrics.update(precondition(data, loss))
-                    step(with_entropy_bonus(loss.loss, loss.dist, data, entropy_coef), before_step=hook)
+                    step(with_value(with_entropy_bonus(loss.loss, loss.dist, data, entropy_coef), data, part),
+                         before_step=hook)
                     losses.append(loss.loss.detach())
     # Means over this iteration's steps: how far each step's policy was from the data's.
     metrics.update({key: torch.stack(values).mean() for key, values in diagnostics.items()})
@@ -211,13 +256,22 @@ def with_entropy_bonus(
 def minibatches(
     batch: RolloutBatch, estimate: EstimatorOutput, off_policy: OffPolicy, reduction: Reduction
 ) -> Iterator[tuple[RolloutBatch, EstimatorOutput]]:
-    """The batch split into ``off_policy.minibatches`` groups of envs, whole trajectories together.
+    """The batch split into ``off_policy.minibatches`` parts: groups of envs, whole trajectories together, or
+    (``minibatch_unit=steps``) sets of the used steps, each a ``[1, k]`` batch (``off_policy.select_steps``).
 
-    Importance-sampled kinds draw the groups from a random permutation of the envs (torch's stream, so a
-    resumed run draws the same ones); on-policy training uses the whole batch as it is.
+    Importance-sampled kinds draw the parts from a random permutation of the envs or of the used steps
+    (torch's stream, so a resumed run draws the same ones); on-policy training uses the whole batch as it is.
     """
     if not off_policy.reuses_data:
         yield batch, estimate
+        return
+    if off_policy.minibatch_unit == "steps":
+        used = estimate.mask.reshape(-1).nonzero().squeeze(1)  # flat indices t · B + b of the used steps
+        parts = used[torch.randperm(len(used), device=used.device)].tensor_split(off_policy.minibatches)
+        # Part j over all ranks holds K_j steps: its loss is the mean over them.
+        sizes = reduction.sum(torch.tensor([float(len(index)) for index in parts], device=used.device))
+        for index, size in zip(parts, sizes.tolist()):
+            yield select_steps(batch, estimate, index, size)
         return
     for envs in torch.randperm(batch.num_envs).tensor_split(off_policy.minibatches):
         yield batch.select_envs(envs), select_estimate(estimate, envs, reduction)

@@ -34,7 +34,7 @@ from pg_lightning.module import PolicyGradientModule
 from pg_lightning.analysis import collect
 from pg_lightning.run import make_module, optimizer_callbacks
 from pg_lightning.threads import set_torch_threads
-from pg_lightning.value import ValueFunction, value_loss
+from pg_lightning.value import ValueFunction, value_loss, value_optimizer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COLUMNS = ("snapshot", "env_steps", "estimator", "grad_var", "grad_snr", "cosine_to_reference")
@@ -82,7 +82,7 @@ def fit_value_function(
     value_fn = ValueFunction.for_space(module.env.spaces()[0], estimator.value)
     targets = estimator(batch, torch.zeros(batch.num_steps + 1, batch.num_envs)).value_targets
     obs, targets = batch.obs[:-1][batch.valid], targets[batch.valid]
-    optimizer = torch.optim.Adam(value_fn.parameters(), lr=estimator.value.lr)
+    optimizer = value_optimizer(value_fn, estimator.value)
     ones = torch.ones_like(targets, dtype=torch.bool)
     for _ in range(steps):
         pick = torch.randint(len(targets), (min(minibatch, len(targets)),))
