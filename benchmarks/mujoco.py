@@ -1,35 +1,46 @@
 """MuJoCo at a fixed env-step budget: a pg_lightning preset and Stable-Baselines3 PPO, side by side.
 
-(Not ``mujoco.py``: run as a script, a file of that name would shadow the ``mujoco`` package it runs.)
-
     pip install -e ".[bench]"
-    python benchmarks/mujoco_suite.py --preset ppo_mujoco --envs hopper half_cheetah --seeds 0 1 2 --steps 1000000
-    python benchmarks/mujoco_suite.py ... --no-sb3            # our preset only
-    python benchmarks/mujoco_suite.py --aggregate-only        # re-read the JSON files of earlier runs
+    python benchmarks/mujoco.py --preset ppo_mujoco --envs hopper half_cheetah --seeds 0 1 2 --steps 1000000
+    python benchmarks/mujoco.py ... --no-sb3               # our preset only (--no-ours: SB3 only)
+    python benchmarks/mujoco.py --aggregate-only           # re-read the JSON files of earlier runs
+    python benchmarks/mujoco.py --throughput --steps 30720 # env steps/s of both, timed alone, as a ratio
 
-Each run is a separate process, one after another (never two timed runs at once), and writes
-``<out>/<method>/<env>/seed<k>.json`` (our run dirs, with their checkpoints, go to ``outputs/mujoco/``): the final return as the **mean of the last 100 training episodes**
-(CleanRL's metric for its published PPO numbers), the deterministic evaluation at the end (10 episodes; for SB3
-with its VecNormalize statistics frozen), and env steps per second over the whole process (imports,
-evaluation and updates included). Over seeds it prints, per env and method, the interquartile mean with a 95%
-stratified-bootstrap interval (``rliable``).
+Each run is a separate process, one after another, and writes ``<out>/<method>/<env>/seed<k>.json`` (our run dirs,
+with their checkpoints, go to ``outputs/mujoco/``): the final return as the **mean of the last 100 training
+episodes** (CleanRL's metric for its published PPO numbers), the deterministic evaluation at the end (10
+episodes; for SB3 with its VecNormalize statistics frozen), and env steps per second of training: from the
+model's construction to the end of its last update, evaluations excluded, on both sides (process start-up,
+imports and Hydra are not counted; ours evaluates during training, SB3 does not). Over seeds it prints, per env and method, the interquartile mean
+with a 95% stratified-bootstrap interval (``rliable``). Returns do not depend on speed, so runs of returns may
+share the machine (start several invocations); their steps/s then say nothing.
+
+``--throughput`` is the speed comparison: ours and SB3 alternately (``--repeats`` pairs, nothing else may run),
+each for ``--steps`` env steps on the first env and seed, and prints the median steps/s of each and their
+ratio, ours / SB3.
 
 SB3's side: ``PPO("MlpPolicy")`` with its defaults (which are its MuJoCo settings: 2048 steps, minibatch 64, 10
 epochs, lr 3e-4, GAE 0.95, clip 0.2) inside ``VecNormalize`` (observations and rewards), one env, torch with
 one thread as ours.
+
+This file's dir is taken off ``sys.path`` first: run as a script, a file named ``mujoco.py`` would otherwise be
+what ``import mujoco`` (gymnasium's MuJoCo envs) finds.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-import numpy as np
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
+
+import argparse  # noqa: E402 - after the sys.path fix above
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_IDS = {"hopper": "Hopper-v5", "half_cheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5",
@@ -58,8 +69,9 @@ def last_episodes_mean(metrics_csv: Path, count: int = LAST_EPISODES) -> float:
     return total / taken if taken else float("nan")
 
 
-def run_ours(preset: str, env: str, seed: int, steps: int, out: Path) -> dict:
-    run_dir = REPO / "outputs" / "mujoco" / preset / env / f"seed{seed}"  # the run dir (checkpoints) stays out of git
+def run_ours(preset: str, env: str, seed: int, steps: int, run_dir: Path | None = None) -> dict:
+    """One run of ``train.py +experiment=<preset>`` in its own process: its JSON record."""
+    run_dir = run_dir or REPO / "outputs" / "mujoco" / preset / env / f"seed{seed}"  # checkpoints stay out of git
     command = [sys.executable, str(REPO / "train.py"), f"+experiment={preset}", f"env={env}", f"seed={seed}",
                f"total_env_steps={steps}", "logger=csv", "stop_on_solve=false", f"hydra.run.dir={run_dir}"]
     start = time.perf_counter()
@@ -69,9 +81,11 @@ def run_ours(preset: str, env: str, seed: int, steps: int, out: Path) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
+    training_s = summary["wall_s"] - summary["eval_s"]  # fit's wall time less its evaluations: SB3's train_wall
     return {"method": preset, "env": env, "seed": seed, "env_steps": summary["env_steps"], "wall_s": wall,
-            "env_steps_per_s": summary["env_steps"] / wall, "final_return": last_episodes_mean(run_dir / "metrics.csv"),
-            "eval_return": summary["eval_return_mean"], "eval_s": summary.get("eval_s")}
+            "env_steps_per_s": summary["env_steps"] / training_s,
+            "final_return": last_episodes_mean(run_dir / "metrics.csv"),
+            "eval_return": summary["eval_return_mean"], "eval_s": summary["eval_s"]}
 
 
 def run_sb3(env: str, seed: int, steps: int) -> dict:
@@ -137,24 +151,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1_000_000, help="env steps per run")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mujoco")
     parser.add_argument("--no-sb3", action="store_true", help="run our preset only")
+    parser.add_argument("--no-ours", action="store_true", help="run SB3 only")
     parser.add_argument("--aggregate-only", action="store_true", help="only print the table of the runs in --out")
+    parser.add_argument("--throughput", action="store_true", help="time ours and SB3 alternately (alone!)")
+    parser.add_argument("--repeats", type=int, default=3, help="--throughput: pairs of runs")
     parser.add_argument("--sb3-run", nargs=3, metavar=("ENV", "SEED", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sb3_run:  # one SB3 run, in its own process
         env, seed, steps = args.sb3_run[0], int(args.sb3_run[1]), int(args.sb3_run[2])
         print(json.dumps(run_sb3(env, seed, steps)))
         return 0
+    if args.throughput:
+        print("\n".join(throughput(args.preset, args.envs[0], args.seeds[0], args.steps, args.repeats, args.out)))
+        return 0
     if not args.aggregate_only:
         for env in args.envs:
             for seed in args.seeds:
-                record = run_ours(args.preset, env, seed, args.steps, args.out)
-                write(args.out / args.preset / env / f"seed{seed}.json", record)
+                if not args.no_ours:
+                    write(args.out / args.preset / env / f"seed{seed}.json", run_ours(args.preset, env, seed, args.steps))
                 if not args.no_sb3:
-                    result = subprocess.run([sys.executable, __file__, "--sb3-run", env, str(seed), str(args.steps)],
-                                            capture_output=True, text=True, check=True)
-                    write(args.out / "sb3_ppo" / env / f"seed{seed}.json", json.loads(result.stdout.splitlines()[-1]))
+                    write(args.out / "sb3_ppo" / env / f"seed{seed}.json", sb3_process(env, seed, args.steps))
     print("\n".join(aggregate(args.out)))
     return 0
+
+
+def sb3_process(env: str, seed: int, steps: int) -> dict:
+    """One SB3 run in a fresh process (as ours are): its JSON record."""
+    result = subprocess.run([sys.executable, __file__, "--sb3-run", env, str(seed), str(steps)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def throughput(preset: str, env: str, seed: int, steps: int, repeats: int, out: Path) -> list[str]:
+    """Env steps/s of our preset and of SB3 PPO, ``repeats`` alternating pairs of ``steps``-step runs.
+
+    Each side's figure is its whole process's (start-up, evaluation and updates included), the median over the
+    repeats; the ratio is ours / SB3. Written to ``<out>/throughput_<preset>_<env>.json``.
+    """
+    ours, sb3 = [], []
+    for _ in range(repeats):
+        ours.append(run_ours(preset, env, seed, steps, run_dir=REPO / "outputs" / "mujoco" / "throughput")["env_steps_per_s"])
+        sb3.append(sb3_process(env, seed, steps)["env_steps_per_s"])
+    record = {"preset": preset, "env": ENV_IDS[env], "steps": steps, "ours_steps_per_s": ours, "sb3_steps_per_s": sb3,
+              "ratio_of_medians": statistics.median(ours) / statistics.median(sb3)}
+    write(out / f"throughput_{preset}_{env}.json", record)
+    return [f"{ENV_IDS[env]}, {steps} env steps per run, {repeats} alternating pairs, alone:",
+            f"  {preset}: {statistics.median(ours):.0f} env steps/s (median of {', '.join(f'{x:.0f}' for x in ours)})",
+            f"  SB3 PPO: {statistics.median(sb3):.0f} env steps/s (median of {', '.join(f'{x:.0f}' for x in sb3)})",
+            f"  ratio ours / SB3: {record['ratio_of_medians']:.2f}"]
 
 
 def write(path: Path, record: dict) -> None:
