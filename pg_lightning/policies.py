@@ -4,7 +4,9 @@ The library only ever calls ``policy(obs)`` and then ``.sample()``, ``.log_prob(
 and ``.mode`` on the result, so a user's own network plugs in unchanged. Two are shipped:
 
 - ``CategoricalMLP`` for ``Discrete`` actions: π(a|s) = softmax(f_θ(s))_a.
-- ``GaussianMLP`` for ``Box`` actions: π(a|s) = N(μ_θ(s), diag(σ²)) with a state-independent log σ.
+- ``GaussianMLP`` for ``Box`` actions: π(a|s) = N(μ_θ(s), diag(σ²)) with a state-independent log σ; with
+  ``squash=True`` the sample u goes through a = m + h · tanh(u), m and h the middle and half-width of the
+  action bounds (``SquashedGaussian``, the change of variables in its log-prob).
 
 ``hidden_sizes=[]`` makes f_θ linear; with one-hot observations that is a tabular softmax policy.
 """
@@ -18,7 +20,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical, Distribution, Independent, Normal
+from torch.distributions import Categorical, Distribution, Independent, Normal, TransformedDistribution
+from torch.distributions.transforms import AffineTransform, TanhTransform
+
+from pg_lightning.validation import boolean, require
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
@@ -107,6 +112,46 @@ class CategoricalMLP(nn.Module):
         return GatherCategorical(logits=self.logits(obs), validate_args=False)
 
 
+class ClampedTanhTransform(TanhTransform):
+    """tanh, whose inverse clamps to ±(1 - 1e-6) first: an action stored at the float32 limit ±1 (tanh(u) for
+    |u| > 9 rounds to it) still has a finite atanh, so its log-prob stays finite when training re-evaluates it."""
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        bound = 1.0 - 1e-6
+        return torch.atanh(y.clamp(-bound, bound))
+
+
+class SquashedGaussian(TransformedDistribution):
+    """a = m + h · tanh(u), u ~ N(μ, diag σ²): a Gaussian squashed into the box [m - h, m + h].
+
+    log π(a|s) = log N(u; μ, σ²) - Σ_i log(1 - tanh²(u_i)) - Σ_i log h_i,   u = atanh((a - m) / h)
+
+    (the change of variables; torch's ``TransformedDistribution`` sums the log-Jacobians over the action
+    vector). ``mode`` is m + h · tanh(μ), the image of the Gaussian's mode (not the mode of the squashed density,
+    which has no closed form; the usual choice for deterministic evaluation). The entropy has no closed form
+    either: ``entropy()`` is the one-sample estimate -log π(a|s) at a reparameterised sample, so an entropy
+    bonus still has a gradient (it draws from torch's random stream). Shapes as ``Independent(Normal)``:
+    ``batch_shape [...]``, ``event_shape [act_dim]``.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, middle: torch.Tensor, half_width: torch.Tensor):
+        base = Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+        # No cache: log π(a) is always computed from a itself, so the rollout's log-prob of a stored action and
+        # training's are the same computation (ρ = 1 exactly at θ = θ_b, even for saturated actions).
+        squash = [ClampedTanhTransform(), AffineTransform(middle, half_width, event_dim=1)]
+        super().__init__(base, squash, validate_args=False)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        value = self.base_dist.mean
+        for transform in self.transforms:
+            value = transform(value)
+        return value
+
+    def entropy(self) -> torch.Tensor:
+        return -self.log_prob(self.rsample())
+
+
 class GaussianMLP(nn.Module):
     """π(·|s) = N(μ_θ(s), diag(exp(2 log σ))) with a learned, state-independent ``log_std``.
 
@@ -123,14 +168,22 @@ class GaussianMLP(nn.Module):
         activation: str = "tanh",
         log_std_init: float = -0.5,
         orthogonal_init: bool = False,
+        squash_bounds: tuple[Sequence[float], Sequence[float]] | None = None,
     ):
         super().__init__()
         self.mean = mlp(obs_dim, hidden_sizes, act_dim, activation, orthogonal_init=orthogonal_init)
         self.log_std = nn.Parameter(torch.full((act_dim,), float(log_std_init)))
+        self.squash = squash_bounds is not None
+        if squash_bounds is not None:  # buffers: they follow the module to its device and into checkpoints
+            low, high = (torch.as_tensor(np.asarray(bound, dtype=np.float32)) for bound in squash_bounds)
+            self.register_buffer("action_middle", (high + low) / 2)
+            self.register_buffer("action_half_width", (high - low) / 2)
 
     def forward(self, obs: torch.Tensor) -> Distribution:
         mean = self.mean(obs)
         std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp().expand_as(mean)
+        if self.squash:
+            return SquashedGaussian(mean, std, self.action_middle, self.action_half_width)
         return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
 
 
@@ -141,19 +194,28 @@ def mlp_policy(
     activation: str = "tanh",
     log_std_init: float = -0.5,
     orthogonal_init: bool = False,
+    squash: bool = False,
 ) -> nn.Module:
     """The shipped MLP policy that fits the spaces: categorical for ``Discrete``, Gaussian for ``Box``.
-    ``orthogonal_init``: hidden layers orthogonal with gain √2 (the policy head always has gain 0.01)."""
+    ``orthogonal_init``: hidden layers orthogonal with gain √2 (the policy head always has gain 0.01).
+    ``squash``: ``Box`` only: tanh-squash the Gaussian into the action bounds (which must be finite) instead
+    of clipping its samples when they are sent to the env."""
+    require("policy.squash", squash, boolean, "true or false")
     if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
         raise ValueError(
             f"observation space {observation_space} is not supported by the MLP policies: they need a flat Box"
         )
     obs_dim = int(np.prod(observation_space.shape))
     hidden_sizes = list(hidden_sizes)
+    if squash and not (isinstance(action_space, gym.spaces.Box) and np.isfinite(action_space.low).all()
+                       and np.isfinite(action_space.high).all()):
+        raise ValueError(f"policy.squash=true needs a Box action space with finite bounds, got {action_space}")
     if isinstance(action_space, gym.spaces.Discrete):
         return CategoricalMLP(obs_dim, int(action_space.n), hidden_sizes, activation, orthogonal_init)
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
-        return GaussianMLP(obs_dim, int(action_space.shape[0]), hidden_sizes, activation, log_std_init, orthogonal_init)
+        bounds = (action_space.low, action_space.high) if squash else None
+        return GaussianMLP(obs_dim, int(action_space.shape[0]), hidden_sizes, activation, log_std_init,
+                           orthogonal_init, squash_bounds=bounds)
     raise ValueError(
         f"action space {action_space} is not supported: use Discrete or a 1-D Box, or pass your own policy"
     )

@@ -35,7 +35,7 @@ def compose_with(*overrides: str):
 
 def test_required_options_exist():
     assert {"cartpole", "acrobot", "pendulum", "lunar_lander", "inverted_pendulum", "half_cheetah", "hopper",
-            "masked_cartpole"} <= set(options("env"))
+            "masked_cartpole", "walker2d"} <= set(options("env"))
     assert {"reinforce", "reward_to_go", "baseline"} <= set(options("estimator"))
     assert {"adam", "sgd"} <= set(options("optimizer"))
     assert {"wandb", "csv", "none"} <= set(options("logger"))

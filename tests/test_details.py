@@ -97,6 +97,20 @@ def test_learning_rates_decay_linearly_over_the_budget(tmp_path):
         assert group["lr"] == pytest.approx(initial * (1 - steps[-2] / budget))
 
 
+def test_a_squashed_policy_trains_with_the_ppo_mujoco_details_and_an_entropy_bonus(tmp_path):
+    """The training path of the squashed Gaussian, the shared step, minibatches of steps and the entropy bonus
+    together: every update is taken (finite), the first pass starts at ratio 1, V_φ learns."""
+    train(compose_with("+experiment=ppo_mujoco", "env=pendulum", "policy.squash=true", "entropy_coef=0.01",
+                       "steps_per_env=256", "off_policy.minibatches=4", "total_env_steps=2048", "logger=csv",
+                       "stop_on_solve=false", "eval.num_episodes=2", "eval.every_n_env_steps=1024"), tmp_path)
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["loss/policy"]]
+    assert len(rows) >= 8 and float(rows[-1]["diag/skipped_updates"]) == 0
+    assert all(abs(float(r["diag/entropy"])) < 10 and float(r["diag/ess"]) > 0.5 for r in rows)
+    assert float(rows[-1]["loss/value"]) < float(rows[0]["loss/value"])
+    assert float(rows[-1]["diag/explained_variance"]) > float(rows[0]["diag/explained_variance"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

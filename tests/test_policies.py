@@ -138,3 +138,55 @@ def test_gather_categorical_equals_torch_categorical():
     torch.manual_seed(0)
     torch.testing.assert_close(drawn, reference.sample(), rtol=0, atol=0)
     assert drawn.shape == (64,) and drawn.dtype == torch.int64
+
+
+SQUASH_SPACE = gym.spaces.Box(low=np.array([-1.0, 0.0], dtype=np.float32), high=np.array([1.0, 4.0], dtype=np.float32))
+
+
+def test_the_squashed_gaussian_stays_in_bounds_and_its_log_prob_is_the_change_of_variables():
+    """log π(a) = log N(u; μ, σ) - Σ log(1 - tanh² u) - Σ log h, u = atanh((a - m) / h), for the bounds
+    [-1, 1] x [0, 4] (m = (0, 2), h = (1, 2)); the mode is m + h tanh(μ)."""
+    torch.manual_seed(0)
+    policy = mlp_policy(BOX_OBS, SQUASH_SPACE, log_std_init=0.5, squash=True)
+    obs = torch.randn(4000, 3)
+    dist = policy(obs)
+    actions = dist.sample()
+    low, high = torch.as_tensor(SQUASH_SPACE.low), torch.as_tensor(SQUASH_SPACE.high)
+    assert ((actions > low) & (actions < high)).all()
+    middle, half = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 2.0])
+    u = torch.atanh((actions - middle) / half)
+    mean, std = policy.mean(obs), policy.log_std.exp()
+    manual = (torch.distributions.Normal(mean, std).log_prob(u) - torch.log1p(-torch.tanh(u) ** 2)).sum(-1)
+    manual = manual - torch.log(half).sum()
+    torch.testing.assert_close(dist.log_prob(actions), manual, rtol=1e-4, atol=1e-4)
+    # Without the Jacobian terms the log-prob would be another number: the check can fail.
+    assert not torch.allclose(dist.log_prob(actions), torch.distributions.Normal(mean, std).log_prob(u).sum(-1), atol=0.1)
+    torch.testing.assert_close(dist.mode, middle + half * torch.tanh(mean))
+    # The density integrates to 1 over the box (a Monte-Carlo check: E_a[1/π(a)] over uniform a = area).
+    uniform = low + (high - low) * torch.rand(200_000, 2)
+    with torch.no_grad():
+        density = policy(torch.zeros(200_000, 3)).log_prob(uniform).exp()
+    assert float(density.mean() * (high - low).prod()) == pytest.approx(1.0, abs=0.03)
+
+
+def test_the_squashed_gaussian_gives_ratio_one_for_its_own_saturated_actions():
+    """The rollout's log-prob of a sampled action and training's of the stored one are the same number, even
+    when tanh(u) rounds to the bound (σ large): importance ratios start at exactly 1."""
+    torch.manual_seed(0)
+    policy = mlp_policy(BOX_OBS, SQUASH_SPACE, log_std_init=2.0, squash=True)
+    with torch.no_grad():
+        dist = policy(torch.randn(2000, 3))
+        actions = dist.sample()
+        behaviour = dist.log_prob(actions)
+        stored = torch.from_numpy(actions.numpy().copy())  # what the rollout keeps
+        relearned = dist.log_prob(stored)
+    assert (actions.abs() >= torch.tensor([1.0, 4.0]) - 1e-6).any(), "some actions are saturated"
+    assert torch.isfinite(behaviour).all()
+    torch.testing.assert_close(relearned, behaviour, rtol=0, atol=0)
+
+
+def test_squash_needs_finite_box_bounds():
+    with pytest.raises(ValueError, match=r"^policy.squash=true needs a Box action space with finite bounds"):
+        mlp_policy(BOX_OBS, gym.spaces.Discrete(3), squash=True)
+    with pytest.raises(ValueError, match=r"^policy.squash must be true or false, got 1"):
+        mlp_policy(BOX_OBS, SQUASH_SPACE, squash=1)
