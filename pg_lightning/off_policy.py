@@ -217,6 +217,17 @@ def select_steps(
     return data, part
 
 
+def select_estimate_columns(estimate: EstimatorOutput, columns: slice, num_segments: float) -> EstimatorOutput:
+    """``estimate`` restricted to the columns ``columns`` (views), with the divisor N set to ``num_segments``."""
+    return EstimatorOutput(
+        weights=estimate.weights[:, columns],
+        mask=estimate.mask[:, columns],
+        segments=estimate.segments[:, columns],
+        num_segments=torch.tensor(num_segments, device=estimate.weights.device),
+        value_targets=None if estimate.value_targets is None else estimate.value_targets[:, columns],
+    )
+
+
 def normalize_minibatch(estimate: EstimatorOutput, reduction: Reduction = LOCAL, eps: float = 1e-8) -> EstimatorOutput:
     """Ψ standardised over the minibatch's used steps, (Ψ - mean) / (std + eps), mean and std over all ranks.
 

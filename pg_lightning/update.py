@@ -29,7 +29,8 @@ from pg_lightning.distributed import Reduction
 from pg_lightning.estimators import Estimator, EstimatorOutput
 from pg_lightning.segments import masked_mean
 from pg_lightning.gradient import PolicyLoss, on_policy_loss
-from pg_lightning.off_policy import OffPolicy, importance_loss, normalize_minibatch, select_estimate, select_steps
+from pg_lightning.off_policy import (OffPolicy, importance_loss, normalize_minibatch, select_estimate,
+                                     select_estimate_columns, select_steps)
 
 
 class NonFiniteUpdatesError(RuntimeError):
@@ -267,11 +268,17 @@ def minibatches(
         return
     if off_policy.minibatch_unit == "steps":
         used = estimate.mask.reshape(-1).nonzero().squeeze(1)  # flat indices t · B + b of the used steps
-        parts = used[torch.randperm(len(used), device=used.device)].tensor_split(off_policy.minibatches)
+        order = used[torch.randperm(len(used), device=used.device)]
+        # All used steps as one-step columns in the drawn order, gathered once; each part is a slice (a view).
+        data, columns = select_steps(batch, estimate, order, 0.0)
+        counts = [len(index) for index in order.tensor_split(off_policy.minibatches)]
         # Part j over all ranks holds K_j steps: its loss is the mean over them.
-        sizes = reduction.sum(torch.tensor([float(len(index)) for index in parts], device=used.device))
-        for index, size in zip(parts, sizes.tolist()):
-            yield select_steps(batch, estimate, index, size)
+        sizes = reduction.sum(torch.tensor(counts, dtype=torch.float32, device=used.device)).tolist()
+        start = 0
+        for count, size in zip(counts, sizes):
+            part = slice(start, start + count)
+            start += count
+            yield data.select_envs(part), select_estimate_columns(columns, part, size)
         return
     for envs in torch.randperm(batch.num_envs).tensor_split(off_policy.minibatches):
         yield batch.select_envs(envs), select_estimate(estimate, envs, reduction)
