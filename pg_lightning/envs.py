@@ -16,6 +16,9 @@ from gymnasium.vector import VectorEnv
 from pg_lightning.validation import finite_number, positive_int, require
 
 
+BACKENDS = ("sync", "async")
+
+
 @dataclass
 class VectorEnvFactory:
     """How to build a gymnasium vector env; the config group ``env/`` instantiates this.
@@ -33,8 +36,10 @@ class VectorEnvFactory:
         imports: modules to import before the id is looked up: the ones whose import registers your envs
             (``gymnasium.register``). They are imported again wherever envs are made (every DDP rank).
 
-    The env's native vectorised implementation is used where it has one (CartPole-v1 does), else a
-    synchronous vector env: with 2 cores, subprocess envs cost more in IPC than they save.
+        backend: ``sync``: the env's native vectorised implementation where it has one (CartPole-v1 does),
+            else gymnasium's synchronous vector env (one env after another, in this process); ``async``:
+            gymnasium's ``AsyncVectorEnv``, each env in its own subprocess. Both reset at the next step
+            (NEXT_STEP autoreset), which the collector expects. Measured in ``benchmarks/README.md``.
     """
 
     id: str
@@ -44,9 +49,11 @@ class VectorEnvFactory:
     max_episode_steps: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     imports: Sequence[str] = ()
+    backend: str = "sync"
 
     def __post_init__(self) -> None:
         require("env.num_envs", self.num_envs, positive_int, "a positive integer")
+        require("env.backend", self.backend, lambda value: value in BACKENDS, "sync or async")
         if ":" in self.id:  # gymnasium's "module:EnvId": the module registers the id when imported
             module, self.id = self.id.split(":", 1)
             self.imports = [*self.imports, module]
@@ -102,7 +109,7 @@ class VectorEnvFactory:
         """gymnasium's vector env of the id, before our observation selection."""
         self.import_modules()  # a fresh process (a spawned DDP rank) has not registered the user's envs yet
         spec = gym.spec(self.id)
-        mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
+        mode = "async" if self.backend == "async" else "vector_entry_point" if spec.vector_entry_point else "sync"
         return gym.make_vec(self.id, num_envs=num_envs, vectorization_mode=mode, **self._make_kwargs())
 
     def spaces(self) -> tuple[gym.Space, gym.Space]:

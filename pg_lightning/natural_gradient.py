@@ -127,7 +127,8 @@ class NaturalGradient(Callback):
         if not self.line_search:
             stats["kl"] = float(reduce(measured_kl(policy, obs, mask, params, full_step)))
             return full_step, stats
-        old_value = float(reduce(surrogate(policy))) if surrogate is not None else 0.0
+        with torch.no_grad():  # a value to compare, not to differentiate
+            old_value = float(reduce(surrogate(policy))) if surrogate is not None else 0.0
         for backtrack in range(self.max_backtracks):
             candidate = full_step * self.backtrack_ratio**backtrack
             kl, new_value = _try_step(policy, obs, mask, params, candidate, surrogate, reduce)
