@@ -37,6 +37,7 @@ class RunningNormalizer(nn.Module):
         self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
         self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self._cache: tuple | None = None  # (key, μ, scale) of ``_affine``; not state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean, scale = self._affine(x.dtype)
@@ -46,11 +47,9 @@ class RunningNormalizer(nn.Module):
         """μ and sqrt(σ² + ε) in ``dtype``, computed again only after the buffers changed (an update, a load:
         their version counters), not at every env step. (Tensors made in inference mode stay in it.)"""
         key = (dtype, self.mean.device, self.mean._version, self.var._version, torch.is_inference_mode_enabled())
-        cache = self.__dict__.get("_cache")
-        if cache is None or cache[0] != key:
-            cache = (key, self.mean.to(dtype), (self.var + self.eps).sqrt().to(dtype))
-            self.__dict__["_cache"] = cache
-        return cache[1], cache[2]
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.mean.to(dtype), (self.var + self.eps).sqrt().to(dtype))
+        return self._cache[1], self._cache[2]
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, reduction: Reduction = LOCAL) -> None:

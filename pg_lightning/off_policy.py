@@ -165,16 +165,22 @@ def importance_loss(
     return ImportanceLoss(loss, ess.to(logp.dtype), reduction.sum(kl.detach()), clip_fraction, dist)
 
 
-def select_estimate(estimate: EstimatorOutput, envs: torch.Tensor, reduction: Reduction = LOCAL) -> EstimatorOutput:
-    """``estimate`` restricted to the env columns ``envs``, with N recounted for those columns (over all ranks)."""
+def select_estimate(
+    estimate: EstimatorOutput, envs: torch.Tensor | slice, reduction: Reduction = LOCAL, num_segments: float | None = None
+) -> EstimatorOutput:
+    """``estimate`` restricted to the columns ``envs``, with N recounted for those columns (over all ranks), or
+    set to ``num_segments`` when given (a minibatch of steps divides by its step count)."""
     mask = estimate.mask[:, envs]
     segments = estimate.segments[:, envs]
-    num_segments = reduction.sum(torch.tensor(torch.unique(segments[mask]).numel(), device=mask.device))
+    if num_segments is None:
+        count = reduction.sum(torch.tensor(torch.unique(segments[mask]).numel(), device=mask.device))
+    else:
+        count = torch.tensor(num_segments, device=mask.device)
     return EstimatorOutput(
         weights=estimate.weights[:, envs],
         mask=mask,
         segments=segments,
-        num_segments=num_segments,
+        num_segments=count,
         value_targets=None if estimate.value_targets is None else estimate.value_targets[:, envs],
     )
 
@@ -215,17 +221,6 @@ def select_steps(
         value_targets=None if estimate.value_targets is None else estimate.value_targets[steps, envs].unsqueeze(0),
     )
     return data, part
-
-
-def select_estimate_columns(estimate: EstimatorOutput, columns: slice, num_segments: float) -> EstimatorOutput:
-    """``estimate`` restricted to the columns ``columns`` (views), with the divisor N set to ``num_segments``."""
-    return EstimatorOutput(
-        weights=estimate.weights[:, columns],
-        mask=estimate.mask[:, columns],
-        segments=estimate.segments[:, columns],
-        num_segments=torch.tensor(num_segments, device=estimate.weights.device),
-        value_targets=None if estimate.value_targets is None else estimate.value_targets[:, columns],
-    )
 
 
 def normalize_minibatch(estimate: EstimatorOutput, reduction: Reduction = LOCAL, eps: float = 1e-8) -> EstimatorOutput:

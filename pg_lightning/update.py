@@ -29,8 +29,7 @@ from pg_lightning.distributed import Reduction
 from pg_lightning.estimators import Estimator, EstimatorOutput
 from pg_lightning.segments import masked_mean
 from pg_lightning.gradient import PolicyLoss, on_policy_loss
-from pg_lightning.off_policy import (OffPolicy, importance_loss, normalize_minibatch, select_estimate,
-                                     select_estimate_columns, select_steps)
+from pg_lightning.off_policy import OffPolicy, importance_loss, normalize_minibatch, select_estimate, select_steps
 
 
 class NonFiniteUpdatesError(RuntimeError):
@@ -278,7 +277,7 @@ def minibatches(
         for count, size in zip(counts, sizes):
             part = slice(start, start + count)
             start += count
-            yield data.select_envs(part), select_estimate_columns(columns, part, size)
+            yield data.select_envs(part), select_estimate(columns, part, num_segments=size)
         return
     for envs in torch.randperm(batch.num_envs).tensor_split(off_policy.minibatches):
         yield batch.select_envs(envs), select_estimate(estimate, envs, reduction)
