@@ -46,7 +46,7 @@ from pg_lightning.policies import check_policy, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.threads import DEFAULT_TORCH_THREADS, check_torch_threads, set_torch_threads
 from pg_lightning.validation import boolean, non_negative, positive_int, positive_number, require
-from pg_lightning.update import (GuardedStep, Precondition, SkipCounter, StepTogether, check_gradient_clipping,
+from pg_lightning.update import (GuardedStep, Precondition, SkipCounter, check_gradient_clipping,
                                  update_policy)
 from pg_lightning.value import ValueFunction, explained_variance, fit_value, value_loss, value_optimizer
 
@@ -319,11 +319,23 @@ class PolicyGradientModule(LightningModule):
                       batch_size=len(returns))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The policy's optimizer and V_φ's; when V_φ shares the policy's steps, one optimizer over both (as
+        CleanRL's PPO: the policy optimizer's settings, V_φ's parameters as a second group with its own lr)."""
+        if self._value_shares_steps:
+            assert self.value_fn is not None and self.estimator.value is not None
+            groups = [{"params": list(self.policy.parameters())},
+                      {"params": list(self.value_fn.parameters()), "lr": self.estimator.value.lr}]
+            return [self.optimizer_factory(groups)]
         optimizers = [self.optimizer_factory(self.policy.parameters())]
         if self.value_fn is not None:
             assert self.estimator.value is not None
             optimizers.append(value_optimizer(self.value_fn, self.estimator.value))
         return optimizers
+
+    @property
+    def _value_shares_steps(self) -> bool:
+        """V_φ's loss joins each policy step (``estimator.value.shared_step_coef``) instead of a fit of its own."""
+        return self.value_fn is not None and self.estimator.value is not None and bool(self.estimator.value.shared_step_coef)
 
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         """One iteration after collecting ``batch``: the policy update, then V_φ's fit, then the metrics."""
@@ -364,9 +376,9 @@ class PolicyGradientModule(LightningModule):
         """The policy's optimizer step (its loss scaled by the world size, see ``GuardedStep``) and V_φ's; or,
         when V_φ shares the policy's steps, one step of both (V_φ's own: None)."""
         optimizers = self._optimizer_list()
-        if self.value_fn is not None and self.estimator.value is not None and self.estimator.value.shared_step_coef:
+        if self._value_shares_steps:
             both = nn.ModuleList([self.policy, self.value_fn])  # a view for the gradient checks and the clipping
-            return GuardedStep(StepTogether(*optimizers), both, self.manual_backward, self.reduction, self.skips,
+            return GuardedStep(optimizers[0], both, self.manual_backward, self.reduction, self.skips,
                                loss_scale=self.reduction.world_size, ends_streak=True,
                                max_grad_norm=self.max_grad_norm), None
         policy_step = GuardedStep(optimizers[0], self.policy, self.manual_backward, self.reduction, self.skips,

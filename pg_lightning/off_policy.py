@@ -154,11 +154,13 @@ def importance_loss(
         if off_policy.kind == "clipped":
             eps = off_policy.clip_ratio
             loss = -F.clipped_surrogate(rho, weights, mask, count, eps)
-            clip_fraction = masked_mean(((rho - 1).abs() > eps).to(logp.dtype), mask).detach()
+            clip_fraction = masked_mean(((rho.detach() - 1).abs() > eps).to(logp.dtype), mask)
         else:  # per_step
             loss = -F.per_step_surrogate(rho, weights, mask, count)
         ess = F.effective_sample_size(rho.detach()[mask], reduction)
-    kl_terms = F.kl_estimate(rho, log_rho, batch.valid)  # KL(π_b ‖ π_θ) estimate, ≥ 0 per step
+    # KL(π_b ‖ π_θ) estimate, ≥ 0 per step; differentiated only when it is penalised (else a diagnostic, no graph)
+    penalized = off_policy.kl_coef > 0
+    kl_terms = F.kl_estimate(rho if penalized else rho.detach(), log_rho if penalized else log_rho.detach(), batch.valid)
     kl = kl_terms.sum() / reduction.sum(batch.valid.sum().to(logp.dtype)).clamp(min=1)  # this rank's share
     if off_policy.kl_coef > 0:
         loss = loss + off_policy.kl_coef * kl

@@ -12,8 +12,9 @@ constant of the loss; the ratios ρ_t move with θ from step to step.
 ``GuardedStep`` is the one place an optimizer steps: it skips a step whose loss or gradient is not finite,
 and scales the policy's loss for DDP. ``SkipCounter`` counts skipped steps and stops a run that keeps
 skipping. With ``estimator.value.shared_step_coef`` = c the policy and V_φ share each step: the loss is the
-policy's plus c times V_φ's regression loss on the minibatch's steps (``StepTogether`` steps both optimizers),
-as PPO's and A2C's reference implementations train an actor and a critic.
+policy's plus c times V_φ's regression loss on the minibatch's steps, and one optimizer holds both models'
+parameters (``PolicyGradientModule.configure_optimizers``), as PPO's and A2C's reference implementations train
+an actor and a critic.
 """
 
 from __future__ import annotations
@@ -59,23 +60,6 @@ class SkipCounter:
                 "Lower the learning rate, check the env's rewards and observations for NaN/inf, or set "
                 "estimator.normalize=true"
             )
-
-
-class StepTogether:
-    """Several optimizers as one (``zero_grad`` and ``step`` of each), for a step that trains several models
-    on one loss: the policy and V_φ with ``estimator.value.shared_step_coef``. Adam is per-parameter, so two
-    Adams with equal settings step exactly as one Adam over both models would."""
-
-    def __init__(self, *optimizers: torch.optim.Optimizer):
-        self.optimizers = optimizers
-
-    def zero_grad(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad()
-
-    def step(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
 
 
 @dataclass

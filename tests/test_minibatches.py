@@ -15,7 +15,7 @@ from pg_lightning import estimators as E
 from pg_lightning.distributed import LOCAL
 from pg_lightning.off_policy import OffPolicy, importance_loss, normalize_minibatch
 from pg_lightning.run import ConfigError, train
-from pg_lightning.update import GuardedStep, SkipCounter, StepTogether, minibatches, update_policy
+from pg_lightning.update import GuardedStep, SkipCounter, minibatches, update_policy
 from pg_lightning.value import ValueFunction, value_loss
 
 STEPS = OffPolicy(kind="clipped", minibatches=7, minibatch_unit="steps")
@@ -98,9 +98,8 @@ def test_a_shared_step_moves_the_policy_by_its_loss_and_v_by_c_times_its_loss(ga
     coef = 0.25
     off_policy = OffPolicy(kind="clipped", minibatches=1, minibatch_unit="steps")
     both = nn.ModuleList([policy, value_fn])
-    step = GuardedStep(StepTogether(torch.optim.SGD(policy.parameters(), lr=1.0),
-                                    torch.optim.SGD(value_fn.parameters(), lr=1.0)),
-                       both, lambda loss: loss.backward(), LOCAL, SkipCounter(3))
+    step = GuardedStep(torch.optim.SGD(both.parameters(), lr=1.0), both, lambda loss: loss.backward(), LOCAL,
+                       SkipCounter(3))
     torch.manual_seed(0)
     data, part = next(iter(minibatches(batch, estimate, off_policy, LOCAL)))
     expected_policy = torch.autograd.grad(importance_loss(policy, data, part, off_policy).loss, list(policy.parameters()))
@@ -116,6 +115,22 @@ def test_a_shared_step_moves_the_policy_by_its_loss_and_v_by_c_times_its_loss(ga
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     assert "loss/value" in result.metrics
     assert any(g.abs().max() > 1e-4 for g in expected_value)  # V_φ really had a gradient to follow
+
+
+def test_a_shared_step_has_one_optimizer_over_both_models_and_a_separate_fit_two():
+    """CleanRL's arrangement: one Adam over the policy and V_φ, V_φ's parameters a group with its own lr."""
+    from pg_lightning.module import PolicyGradientModule
+    from pg_lightning.value import ValueFunctionConfig
+
+    shared = E.gae(value=ValueFunctionConfig(lr=0.02, shared_step_coef=0.5))
+    module = PolicyGradientModule("CartPole-v1", estimator=shared)
+    (optimizer,) = module.configure_optimizers()
+    policy_group, value_group = optimizer.param_groups
+    assert {id(p) for p in policy_group["params"]} == {id(p) for p in module.policy.parameters()}
+    assert {id(p) for p in value_group["params"]} == {id(p) for p in module.value_fn.parameters()}
+    assert (policy_group["lr"], value_group["lr"]) == (1e-2, 0.02)
+    separate = PolicyGradientModule("CartPole-v1", estimator=E.gae(value=ValueFunctionConfig(lr=0.02)))
+    assert len(separate.configure_optimizers()) == 2
 
 
 class _FixedEstimate:
