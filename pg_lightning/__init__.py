@@ -18,6 +18,7 @@ from pg_lightning.analysis import collect, estimate_gradient
 from pg_lightning.gradient import policy_loss
 from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import CategoricalMLP, GaussianMLP, mlp_policy
+from pg_lightning.recurrent import RecurrentPolicy, recurrent_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.value import ValueFunction, ValueFunctionConfig
 
@@ -45,6 +46,7 @@ __all__ = [
     "NaturalGradient",
     "OffPolicy",
     "PolicyGradientModule",
+    "RecurrentPolicy",
     "RolloutBatch",
     "RolloutCollector",
     "RolloutDataset",
@@ -58,6 +60,7 @@ __all__ = [
     "mlp_policy",
     "policy_loss",
     "record_episode",
+    "recurrent_policy",
 ]
 
 

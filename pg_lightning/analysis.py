@@ -107,6 +107,8 @@ def _concat_in_time(batches: list[RolloutBatch]) -> RolloutBatch:
         return_before=first.return_before,
         length_before=first.length_before,
         steps_taken=sum(b.valid.sum(0) if b.steps_taken is None else b.steps_taken for b in batches),
+        first=None if any(b.first is None for b in batches) else torch.cat([b.first for b in batches]),
+        policy_state=first.policy_state,  # a recurrent policy's state before the first batch
     )
 
 
@@ -127,6 +129,8 @@ def _first_episodes(batch: RolloutBatch, quota: torch.Tensor) -> RolloutBatch:
         return_before=torch.zeros_like(batch.return_before),
         length_before=torch.zeros_like(batch.length_before),
         steps_taken=batch.steps_taken,
+        first=batch.first,
+        policy_state=batch.policy_state,
     )
 
 

@@ -8,7 +8,7 @@ import torch
 
 
 # Fields of shape [B]; every other field is time-major, [T, B, ...].
-PER_ENV_FIELDS = ("return_before", "length_before", "steps_taken")
+PER_ENV_FIELDS = ("return_before", "length_before", "steps_taken", "policy_state")
 
 
 @dataclass
@@ -33,6 +33,9 @@ class RolloutBatch:
     ``steps_taken``     ``[B]`` int64        env steps each env took for this batch: its ``valid`` steps and
                                              the steps of episodes the batch does not use (an env waiting
                                              for the others in a whole-episode batch); None: ``valid``'s
+    ``first``           ``[T, B]`` bool      ``obs[t]`` is an episode's first observation (a recurrent
+                                             policy's state is reset before step ``t``); None: not recorded
+    ``policy_state``    ``[B, S]``           a recurrent policy's state before step 0 (None: memoryless)
     ==================  ===================  ===============================================================
 
     ``return_before`` is discounted with the ``gamma`` the collector was given, so that REINFORCE can
@@ -49,6 +52,8 @@ class RolloutBatch:
     return_before: torch.Tensor
     length_before: torch.Tensor
     steps_taken: torch.Tensor | None = None
+    first: torch.Tensor | None = None
+    policy_state: torch.Tensor | None = None
 
     @property
     def done(self) -> torch.Tensor:

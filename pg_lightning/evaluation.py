@@ -12,6 +12,7 @@ from gymnasium.vector import VectorEnv
 from torch import nn
 
 from pg_lightning.envs import VectorEnvFactory, to_env_action
+from pg_lightning.policies import is_recurrent
 
 
 @torch.no_grad()
@@ -26,14 +27,24 @@ def evaluate_policy(policy: nn.Module, envs: VectorEnv, seed: int | None = None,
     obs, _ = envs.reset(seed=seed)
     returns = np.zeros(envs.num_envs)
     running = np.ones(envs.num_envs, dtype=bool)
+    # A recurrent policy carries its state; each env plays one episode, so it is never reset.
+    state = policy.initial_state(envs.num_envs) if is_recurrent(policy) else None
     for _ in range(max_steps):
-        action = policy(torch.as_tensor(obs, dtype=torch.float32, device=device)).mode
+        action, state = _mode(policy, torch.as_tensor(obs, dtype=torch.float32, device=device), state)
         obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.cpu().numpy(), envs.single_action_space))
         returns += np.where(running, reward, 0.0)
         running &= ~(terminated | truncated)
         if not running.any():
             return returns
     raise RuntimeError(f"evaluation episodes did not end within {max_steps} steps")
+
+
+def _mode(policy: nn.Module, obs: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mode of π(·|obs) (``[B, ...]``) and, for a recurrent policy, its next state."""
+    if state is None:
+        return policy(obs).mode, None
+    dist, state = policy.step(obs, state)
+    return dist.mode, state
 
 
 @torch.no_grad()
@@ -53,9 +64,11 @@ def record_episode(
     try:
         obs, _ = single.reset(seed=seed)
         frames = [single.render()]
+        state = policy.initial_state(1) if is_recurrent(policy) else None
         while len(frames) < max_frames:
             observed = torch.as_tensor(np.asarray(obs)[indices], dtype=torch.float32, device=device)
-            action = policy(observed.unsqueeze(0)).mode[0]
+            action, state = _mode(policy, observed.unsqueeze(0), state)
+            action = action[0]
             obs, _, terminated, truncated, _ = single.step(to_env_action(action.cpu().numpy(), single.action_space))
             frames.append(single.render())
             if terminated or truncated:

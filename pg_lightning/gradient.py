@@ -19,6 +19,7 @@ from pg_lightning.segments import segment_sum
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.distributed import LOCAL, Reduction
 from pg_lightning.estimators import Estimator, EstimatorOutput
+from pg_lightning.recurrent import action_distribution
 
 
 # Steps per vmap call when computing per-step score vectors (bounds the memory to SCORE_CHUNK x P).
@@ -62,7 +63,7 @@ def on_policy_loss(
     policy: nn.Module, batch: RolloutBatch, estimate: EstimatorOutput, estimator: Estimator, reduction: Reduction = LOCAL
 ) -> PolicyLoss:
     """The pseudo-loss of ``policy_loss`` for weights the estimator already gave (``update.update_policy``)."""
-    dist = policy(batch.obs[:-1])
+    dist = action_distribution(policy, batch)
     logp = dist.log_prob(batch.act)  # [T, B]
     if estimator.baseline == "optimal":
         loss = _optimal_baseline_surrogate(policy, batch, logp, estimate, reduction)

@@ -172,3 +172,56 @@ def random_length(horizon: int = 30, reward_noise: float = 0.5) -> TabularMDP:
     rewards = np.array([[1.0, 2.0, 0.5], [0.5, 1.5, 3.0], [0.0, 0.0, 0.0]])
     terminal = np.array([False, False, True])
     return TabularMDP(transitions, rewards, terminal, horizon=horizon, reward_noise=reward_noise)
+
+
+class CueMemory(gym.Env):
+    """A POMDP that needs memory (lecture §3.3): a cue c ∈ {0, 1} is shown at t = 0 only, then a blank for
+    ``horizon - 1`` steps; the last step's action pays 1 if it names the cue, every other action pays 0.
+
+    Observations are one-hot over {cue 0, cue 1, blank}. A memoryless policy sees a blank at the last step and
+    cannot beat J = 1/2; a policy with memory can reach 1. Episodes terminate after ``horizon`` steps.
+    """
+
+    metadata: dict = {"render_modes": []}
+
+    def __init__(self, horizon: int = 3):
+        self.horizon = horizon
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(3,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.cue, self.t = 0, 0
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros(3, dtype=np.float32)
+        obs[self.cue if self.t == 0 else 2] = 1.0
+        return obs
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.cue, self.t = int(self.np_random.integers(2)), 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        last = self.t >= self.horizon
+        reward = float(last and int(action) == self.cue)
+        return self._obs(), reward, last, False, {}
+
+    def observations(self, cue: int) -> torch.Tensor:
+        """``[horizon, 1, 3]``: the observations of an episode with cue ``cue`` (they do not depend on the actions)."""
+        obs = torch.zeros(self.horizon, 1, 3)
+        obs[0, 0, cue] = 1.0
+        obs[1:, 0, 2] = 1.0
+        return obs
+
+
+def exact_cue_objective(policy: nn.Module, env: CueMemory) -> torch.Tensor:
+    """J(θ) = ½ Σ_c π_θ(a_{H-1} = c | o_0 = c, blanks): exact for a recurrent policy whose state is a function
+    of the observations alone (``recurrent.RecurrentPolicy``); differentiable in θ."""
+    total = torch.zeros((), dtype=torch.float64)
+    for cue in (0, 1):
+        obs = env.observations(cue)
+        first = torch.zeros(env.horizon, 1, dtype=torch.bool)
+        first[0] = True
+        probs = policy(obs, policy.initial_state(1), first).probs.double()  # [H, 1, 2]
+        total = total + 0.5 * probs[-1, 0, cue]
+    return total

@@ -42,7 +42,7 @@ from pg_lightning.evaluation import evaluate_policy
 from pg_lightning.natural_gradient import NaturalGradient
 from pg_lightning.normalization import NormalizedObservations, RewardScaler
 from pg_lightning.off_policy import OffPolicy
-from pg_lightning.policies import check_policy, mlp_policy
+from pg_lightning.policies import check_policy, is_recurrent, mlp_policy
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.threads import DEFAULT_TORCH_THREADS, check_torch_threads, set_torch_threads
 from pg_lightning.validation import boolean, non_negative, positive_int, positive_number, require
@@ -178,6 +178,7 @@ class PolicyGradientModule(LightningModule):
         self.off_policy = off_policy or OffPolicy()
         self.steps_per_env = steps_per_env
         self._check_off_policy()
+        self._check_recurrent()
         # The current batch and the `reuse_batches` before it, each with its behaviour log-probs.
         self.replay: deque[RolloutBatch] = deque(maxlen=self.off_policy.reuse_batches + 1)
         self.total_env_steps = total_env_steps
@@ -232,6 +233,22 @@ class PolicyGradientModule(LightningModule):
                 "other envs, so that they do not depend on its actions; set env.num_envs to 2 or more"
             )
         return whole_episodes
+
+    def _check_recurrent(self) -> None:
+        """Refuse, in one line, what a policy with memory cannot do here."""
+        if not is_recurrent(self.policy):
+            return
+        if self.off_policy.reuses_data and self.off_policy.minibatch_unit == "steps":
+            raise ValueError(
+                "off_policy.minibatch_unit=steps cannot be combined with a recurrent policy: a minibatch of single "
+                "steps has no sequence to replay the policy's state over; use off_policy.minibatch_unit=envs"
+            )
+        if self.estimator.baseline == "optimal":
+            raise ValueError(
+                "estimator.baseline=optimal cannot be combined with a recurrent policy: its per-parameter baseline "
+                "takes each step's score on its own (torch.func per step), and a recurrent step's score depends on "
+                "the steps before it; use baseline=average or value"
+            )
 
     def _check_off_policy(self) -> None:
         kind = self.off_policy.kind

@@ -38,6 +38,7 @@ from pg_lightning.linalg import conjugate_gradient
 from pg_lightning.linalg import flatten as _flat
 from pg_lightning.linalg import unflatten_like as _unflatten
 from pg_lightning.segments import masked_mean
+from pg_lightning.recurrent import action_distribution
 from pg_lightning.validation import non_negative, positive_int, positive_number, require
 
 
@@ -102,7 +103,7 @@ class NaturalGradient(Callback):
         """
         params = [p for p in policy.parameters() if p.requires_grad]
         gradient = reduce(-_flat([p.grad for p in params]))  # ascent direction of J
-        step, stats = self.step(policy, batch.obs[:-1], batch.valid, gradient, reduce, surrogate=_surrogate(batch, loss))
+        step, stats = self.step(policy, batch, batch.valid, gradient, reduce, surrogate=_surrogate(batch, loss))
         for p, delta in zip(params, _unflatten(step, params)):
             p.grad = -delta  # SGD with lr 1: θ ← θ - grad = θ + Δθ
         self.last_stats = stats
@@ -110,9 +111,10 @@ class NaturalGradient(Callback):
 
     # --- the step, usable without Lightning --------------------------------------------------------
 
-    def step(self, policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, gradient: torch.Tensor,
+    def step(self, policy: nn.Module, obs: torch.Tensor | RolloutBatch, mask: torch.Tensor, gradient: torch.Tensor,
              reduce=lambda t: t, surrogate=None) -> tuple[torch.Tensor, dict[str, float]]:
-        """The natural-gradient step Δθ ``[P]`` for ascent direction ``gradient`` on the states ``obs``.
+        """The natural-gradient step Δθ ``[P]`` for ascent direction ``gradient`` on the states ``obs``
+        (``[T, B, o]``, or a batch: a recurrent policy's Fisher-vector products go through its unrolled cell).
 
         ``reduce`` averages a tensor across processes (identity in one process). ``surrogate(policy)``,
         if given, returns the importance-sampled objective for the line search's improvement test.
@@ -139,15 +141,15 @@ class NaturalGradient(Callback):
         return torch.zeros_like(full_step), stats
 
 
-def fisher_vector_product(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, damping: float, reduce=lambda t: t):
+def fisher_vector_product(policy: nn.Module, obs: torch.Tensor | RolloutBatch, mask: torch.Tensor, damping: float, reduce=lambda t: t):
     """``v ↦ (F + damping·I) v`` with F the Hessian at θ_old of the mean KL(π_θold ‖ π_θ) over ``obs[mask]``.
 
     The KL's gradient (with its graph) is built once; each product is one more backward pass.
     """
     params = [p for p in policy.parameters() if p.requires_grad]
     with torch.no_grad():
-        old = policy(obs)
-    kl = masked_mean(torch.distributions.kl_divergence(old, policy(obs)), mask)
+        old = _distribution(policy, obs)
+    kl = masked_mean(torch.distributions.kl_divergence(old, _distribution(policy, obs)), mask)
     kl_grad = _flat(torch.autograd.grad(kl, params, create_graph=True))
 
     def product(v: torch.Tensor) -> torch.Tensor:
@@ -157,12 +159,12 @@ def fisher_vector_product(policy: nn.Module, obs: torch.Tensor, mask: torch.Tens
     return product
 
 
-def measured_kl(policy: nn.Module, obs: torch.Tensor, mask: torch.Tensor, params: list, step: torch.Tensor) -> torch.Tensor:
+def measured_kl(policy: nn.Module, obs: torch.Tensor | RolloutBatch, mask: torch.Tensor, params: list, step: torch.Tensor) -> torch.Tensor:
     """Mean KL(π_θ ‖ π_θ+step) over ``obs[mask]``; the parameters are restored afterwards."""
     with torch.no_grad():
-        old = policy(obs)
+        old = _distribution(policy, obs)
         with _moved(params, step):
-            return masked_mean(torch.distributions.kl_divergence(old, policy(obs)), mask)
+            return masked_mean(torch.distributions.kl_divergence(old, _distribution(policy, obs)), mask)
 
 
 def _try_step(policy, obs, mask, params, step, surrogate, reduce) -> tuple[float, float]:
@@ -190,10 +192,15 @@ def _surrogate(batch: RolloutBatch, loss: PolicyLoss) -> Callable[[nn.Module], t
     estimate, logp_old = loss.estimate, loss.logp.detach()
 
     def value(policy: nn.Module) -> torch.Tensor:
-        rho = F.log_ratio(policy(batch.obs[:-1]).log_prob(batch.act), logp_old).exp()
+        rho = F.log_ratio(action_distribution(policy, batch).log_prob(batch.act), logp_old).exp()
         return F.per_step_surrogate(rho, estimate.weights, estimate.mask, estimate.num_segments)
 
     return value
+
+
+def _distribution(policy: nn.Module, obs: torch.Tensor | RolloutBatch) -> torch.distributions.Distribution:
+    """π(·|·) on the states ``obs`` ``[T, B, o]``, or on a batch's steps (a recurrent policy replays its sequences)."""
+    return action_distribution(policy, obs) if isinstance(obs, RolloutBatch) else policy(obs)
 
 
 def _add(params: list[torch.Tensor], step: torch.Tensor) -> None:

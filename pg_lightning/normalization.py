@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pg_lightning.distributed import LOCAL, Reduction
+from pg_lightning.policies import is_recurrent
 
 
 class RunningNormalizer(nn.Module):
@@ -88,8 +89,19 @@ class NormalizedObservations(nn.Module):
         self.module = module
         self.normalizer = RunningNormalizer(observation_shape, clip=clip)
 
-    def forward(self, obs: torch.Tensor):
-        return self.module(self.normalizer(obs))
+    def forward(self, obs: torch.Tensor, *state):
+        """``module(normalizer(obs), *state)``: a recurrent policy's state and episode starts pass through."""
+        return self.module(self.normalizer(obs), *state)
+
+    @property
+    def recurrent(self) -> bool:
+        return is_recurrent(self.module)
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        return self.module.initial_state(batch_size)
+
+    def step(self, obs: torch.Tensor, state: torch.Tensor):
+        return self.module.step(self.normalizer(obs), state)
 
     def update_normalizer(self, obs: torch.Tensor, reduction: Reduction = LOCAL) -> None:
         self.normalizer.update(obs, reduction)

@@ -29,6 +29,7 @@ from pg_lightning.segments import masked_mean, segment_sum
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.distributed import LOCAL, Reduction
 from pg_lightning.estimators import EstimatorOutput
+from pg_lightning.recurrent import action_distribution
 from pg_lightning.validation import boolean, non_negative, non_negative_int, positive_int, positive_number, require
 
 OffPolicyKind = Literal["none", "trajectory", "per_step", "clipped"]
@@ -128,7 +129,7 @@ def importance_loss(
     ``estimate`` holds Ψ, the mask of used steps, the segment ids and N for this batch (from the estimator).
     ``reduction`` makes Σ w of self-normalised weights, the ESS and the KL estimate global over processes.
     """
-    dist = policy(batch.obs[:-1])
+    dist = action_distribution(policy, batch)
     logp = dist.log_prob(batch.act)  # [T, B]
     log_rho = F.log_ratio(logp, batch.logp_behavior)
     mask, weights = estimate.mask, estimate.weights.detach()

@@ -1,7 +1,8 @@
 """Policies: any ``nn.Module`` whose ``forward(obs)`` returns a ``torch.distributions.Distribution``.
 
 The library only ever calls ``policy(obs)`` and then ``.sample()``, ``.log_prob(act)``, ``.entropy()``
-and ``.mode`` on the result, so a user's own network plugs in unchanged. Two are shipped:
+and ``.mode`` on the result, so a user's own network plugs in unchanged (a policy with memory keeps the
+contract of ``recurrent.py`` instead). Two are shipped here:
 
 - ``CategoricalMLP`` for ``Discrete`` actions: π(a|s) = softmax(f_θ(s))_a.
 - ``GaussianMLP`` for ``Box`` actions: π(a|s) = N(μ_θ(s), diag(σ²)) with a state-independent log σ; with
@@ -221,6 +222,11 @@ def mlp_policy(
     )
 
 
+def is_recurrent(policy: nn.Module) -> bool:
+    """True for a policy with memory (``recurrent.py``'s contract: ``initial_state``, ``step``, sequences)."""
+    return bool(getattr(policy, "recurrent", False))
+
+
 def check_policy(policy: nn.Module, observation_space: gym.Space, action_space: gym.Space) -> None:
     """Refuse, in one line, a policy that breaks the contract the rollout relies on.
 
@@ -234,7 +240,13 @@ def check_policy(policy: nn.Module, observation_space: gym.Space, action_space: 
     device = parameter.device if parameter is not None else torch.device("cpu")
     obs = torch.as_tensor(np.stack([observation_space.sample() for _ in range(2)]), dtype=torch.float32, device=device)
     with torch.no_grad():
-        dist = policy(obs)
+        if is_recurrent(policy):
+            dist, state = policy.step(obs, policy.initial_state(2))
+            if tuple(state.shape[:1]) != (2,):
+                raise ValueError(f"policy {name}: step(obs, state) on a batch of 2 returned a state of shape "
+                                 f"{tuple(state.shape)}, expected (2, state_size)")
+        else:
+            dist = policy(obs)
         if not isinstance(dist, Distribution):
             raise ValueError(
                 f"policy {name}: forward(obs) must return a torch.distributions.Distribution, got "

@@ -22,6 +22,7 @@ from pg_lightning.episodes import EpisodeTracker
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.checkpoint import env_state, restore_env_state
 from pg_lightning.envs import check_action_space, to_env_action
+from pg_lightning.policies import is_recurrent
 from pg_lightning.validation import positive_int, require
 
 
@@ -51,6 +52,11 @@ class RolloutCollector:
     the envs' random streams. gymnasium's vector envs autoreset in NEXT_STEP mode: the step after an
     episode ends resets that env, ignores its action and returns reward 0; those steps are
     ``valid = False`` and are not env steps.
+
+    A recurrent policy's state (``recurrent.py``) is carried per env across steps and batches like the running
+    episodes, and reset to the policy's initial state before every step whose observation begins an episode
+    (after a reset, including NEXT_STEP reset steps); the batch stores these starts (``first``) and the state
+    before its step 0 (``policy_state``), so training replays exactly the computation that acted.
 
     Args:
         envs: a gymnasium vector env (NEXT_STEP autoreset, the gymnasium default). With
@@ -89,6 +95,8 @@ class RolloutCollector:
         self._first_reset = True
         self._taken_in_batch: np.ndarray | None = None
         self._reset_next = np.zeros(num_envs, dtype=bool)
+        self._first = np.ones(num_envs, dtype=bool)  # the current observation begins an episode
+        self._policy_state: torch.Tensor | None = None  # a recurrent policy's state per env, [B, S]
 
     def collect(self, policy: nn.Module, num_steps: int | None = None) -> RolloutBatch:
         """One batch with actions sampled from ``policy``; ``num_steps`` (default T) steps per env.
@@ -110,18 +118,23 @@ class RolloutCollector:
         storage = _Storage.for_collector(self, policy, capacity=num_steps)
         if self._obs is None:
             self._obs, _ = self.envs.reset(seed=self.seed)
+            self._first[:] = True
+            self._policy_state = None
+        state_before = self._start_state(policy)
         return_before = torch.as_tensor(self.episodes.discounted_return, dtype=torch.float32)
         length_before = torch.as_tensor(self.episodes.length.copy())
         with torch.inference_mode():
             for t in range(num_steps):
                 self._policy_step(policy, storage, t)
                 storage.valid[t] = ~self._reset_next
+                self._first = self._reset_next.copy()  # a reset step returns the first observation of an episode
                 self._reset_next = storage.terminated[t] | storage.truncated[t]
         storage.mask_to_valid(num_steps)
         valid = storage.valid[:num_steps]
         self.env_steps += int(np.count_nonzero(valid))
         self.episodes.track(storage.rew[:num_steps], valid, storage.done(num_steps))
-        return storage.batch(num_steps, self._obs, storage.valid[:num_steps].sum(0), return_before, length_before)
+        return storage.batch(num_steps, self._obs, storage.valid[:num_steps].sum(0), return_before, length_before,
+                             state_before)
 
     def _collect_whole_episodes(self, policy: nn.Module, num_steps: int) -> RolloutBatch:
         """Whole episodes: env b's episodes that start before it has ``num_steps`` steps of them, each to its end."""
@@ -131,6 +144,8 @@ class RolloutCollector:
         self._obs, _ = self.envs.reset(seed=self.seed if self._first_reset else None)
         self._first_reset = False
         self._reset_next[:] = False
+        self._first = np.ones(num_envs, dtype=bool)
+        state_before = self._start_state(policy)
         used = np.zeros(num_envs, dtype=np.int64)  # steps of this batch's episodes, per env
         taken = np.zeros(num_envs, dtype=np.int64)  # env steps (not reset steps), per env
         self._taken_in_batch = taken  # updated in place: what an EnvStepError reports
@@ -149,6 +164,7 @@ class RolloutCollector:
                 done = storage.terminated[t] | storage.truncated[t]
                 # An episode that ends after its env has T steps is the env's last one in this batch.
                 collecting &= ~(done & in_batch & (used >= num_steps))
+                self._first = self._reset_next.copy()
                 self._reset_next = done
                 t += 1
         self._taken_in_batch = None
@@ -156,13 +172,32 @@ class RolloutCollector:
         self.episodes.record_whole_episodes(storage.rew[:t], storage.valid[:t], storage.done(t))
         self.env_steps += int(taken.sum())
         zeros = torch.zeros(num_envs)
-        return storage.batch(t, self._obs, taken, zeros, zeros.long())
+        return storage.batch(t, self._obs, taken, zeros, zeros.long(), state_before)
+
+    def _start_state(self, policy: nn.Module) -> torch.Tensor | None:
+        """A recurrent policy's carried state before this batch's step 0 (its initial state at first); None
+        for a memoryless policy."""
+        if not is_recurrent(policy):
+            self._policy_state = None
+            return None
+        initial = policy.initial_state(self.envs.num_envs)
+        self._policy_state = initial if self._policy_state is None else self._policy_state.to(initial.device)
+        # A copy made outside inference mode: the carried state was made inside it, and training differentiates
+        # through the tensors built from this one.
+        return self._policy_state.clone()
 
     def _policy_step(self, policy: nn.Module, storage: _Storage, t: int) -> None:
         """Row ``t``: the observation, an action sampled from ``policy``, its log-prob, and the env's answer."""
         obs_t = storage.obs[t]
         obs_t[:] = self._obs  # float32, whatever the env's dtype (MuJoCo's is float64)
-        dist = policy(torch.from_numpy(obs_t).to(storage.device))
+        storage.first[t] = self._first
+        obs = torch.from_numpy(obs_t).to(storage.device)
+        if self._policy_state is None:
+            dist = policy(obs)
+        else:  # the state is reset before an episode's first observation, as the replay in training does
+            first = torch.from_numpy(storage.first[t]).to(storage.device).unsqueeze(-1)
+            state = torch.where(first, policy.initial_state(len(first)), self._policy_state)
+            dist, self._policy_state = policy.step(obs, state)
         action = dist.sample()
         step_logp = dist.log_prob(action)
         storage.logp_rows[t] = step_logp.numpy() if storage.on_host else step_logp  # stays on the policy's device
@@ -189,9 +224,11 @@ class RolloutCollector:
         envs = env_state(self.envs) if self._obs is not None else None
         state = {"envs": envs, "env_steps": self.env_steps}
         if envs is not None:
-            arrays = {"obs": self._obs, "reset_next": self._reset_next}
+            arrays = {"obs": self._obs, "reset_next": self._reset_next, "first": self._first}
             state.update({name: torch.from_numpy(np.array(value)) for name, value in arrays.items()})
             state.update(self.episodes.state_dict())
+            if self._policy_state is not None:
+                state["policy_state"] = self._policy_state.detach().cpu().clone()
         return state
 
     def load_state_dict(self, state: dict) -> bool:
@@ -204,6 +241,9 @@ class RolloutCollector:
             return False
         self._first_reset = False  # the envs' random streams continue from the checkpoint
         self._obs, self._reset_next = state["obs"].numpy(), state["reset_next"].numpy()
+        if "first" in state:
+            self._first = state["first"].numpy().copy()
+        self._policy_state = state.get("policy_state")  # moved to the policy's device by the next collect
         self.episodes.load_state_dict(state)
         return True
 
@@ -232,6 +272,7 @@ class _Storage:
         self.terminated = np.zeros((capacity, num_envs), dtype=bool)
         self.truncated = np.zeros((capacity, num_envs), dtype=bool)
         self.valid = np.zeros((capacity, num_envs), dtype=bool)
+        self.first = np.zeros((capacity, num_envs), dtype=bool)
 
     @classmethod
     def for_collector(cls, collector: RolloutCollector, policy: nn.Module, capacity: int) -> _Storage:
@@ -241,7 +282,7 @@ class _Storage:
     def grow(self) -> None:
         """Double the capacity, keeping the rows written so far."""
         old, self.capacity = self.capacity, 2 * self.capacity
-        for name in ("obs", "act", "rew", "terminated", "truncated", "valid"):
+        for name in ("obs", "act", "rew", "terminated", "truncated", "valid", "first"):
             rows = getattr(self, name)
             extra = self.capacity + (name == "obs") - rows.shape[0]
             setattr(self, name, np.concatenate([rows, np.zeros((extra, *rows.shape[1:]), dtype=rows.dtype)]))
@@ -264,9 +305,11 @@ class _Storage:
         return self.terminated[:length] | self.truncated[:length]
 
     def batch(
-        self, length: int, last_obs: np.ndarray, steps_taken, return_before: torch.Tensor, length_before: torch.Tensor
+        self, length: int, last_obs: np.ndarray, steps_taken, return_before: torch.Tensor, length_before: torch.Tensor,
+        policy_state: torch.Tensor | None = None,
     ) -> RolloutBatch:
-        """The first ``length`` rows as a ``RolloutBatch`` on the policy's device (``obs[length]`` = ``last_obs``)."""
+        """The first ``length`` rows as a ``RolloutBatch`` on the policy's device (``obs[length]`` = ``last_obs``);
+        ``policy_state``: a recurrent policy's state before step 0."""
         self.obs[length] = last_obs
         device = self.device
         return RolloutBatch(
@@ -280,6 +323,8 @@ class _Storage:
             return_before=return_before.to(device),
             length_before=length_before.to(device),
             steps_taken=torch.as_tensor(np.asarray(steps_taken, dtype=np.int64)).to(device),
+            first=torch.from_numpy(self.first[:length]).to(device),
+            policy_state=policy_state,
         )
 
 

@@ -31,6 +31,7 @@ from pg_lightning.estimators import Estimator, EstimatorOutput
 from pg_lightning.segments import masked_mean
 from pg_lightning.gradient import PolicyLoss, on_policy_loss
 from pg_lightning.off_policy import OffPolicy, importance_loss, normalize_minibatch, select_estimate, select_steps
+from pg_lightning.recurrent import action_distribution
 
 
 class NonFiniteUpdatesError(RuntimeError):
@@ -189,7 +190,7 @@ def update_policy(
     """
     current = kept[-1][0]
     with torch.no_grad():
-        entropy = masked_mean(policy(current.obs[:-1]).entropy(), current.valid)
+        entropy = masked_mean(action_distribution(policy, current).entropy(), current.valid)
     estimates = [(batch, estimator(batch, values, reduction)) for batch, values in kept]
     losses: list[torch.Tensor] = []
     diagnostics: dict[str, list[torch.Tensor]] = {}
