@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from pg_lightning import Estimator, VectorEnvFactory
 from pg_lightning.off_policy import OffPolicy
+from pg_lightning.policies import is_recurrent
 from pg_lightning.run import make_loggers
 from pg_lightning.run_dir import RunDirCSVLogger
 
@@ -67,7 +68,11 @@ def test_every_env_config_instantiates_and_builds_envs(name):
 def test_every_policy_config_instantiates(name):
     cfg = compose_with(f"policy={name}")
     policy = instantiate(cfg.policy)(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
-    assert policy(torch.zeros(3, 4)).sample().shape == (3,)
+    if is_recurrent(policy):  # one step of 3 envs from the initial state
+        dist, _ = policy.step(torch.zeros(3, 4), policy.initial_state(3))
+    else:
+        dist = policy(torch.zeros(3, 4))
+    assert dist.sample().shape == (3,)
 
 
 @pytest.mark.parametrize("name", options("estimator"))
