@@ -185,8 +185,9 @@ def sb3_process(env: str, seed: int, steps: int) -> dict:
 def throughput(preset: str, env: str, seed: int, steps: int, repeats: int, out: Path) -> list[str]:
     """Env steps/s of our preset and of SB3 PPO, ``repeats`` alternating pairs of ``steps``-step runs.
 
-    Each side's figure is its whole process's (start-up, evaluation and updates included), the median over the
-    repeats; the ratio is ours / SB3. Written to ``<out>/throughput_<preset>_<env>.json``.
+    Each side's figure is env steps per second of training (collection and updates; start-up and evaluation
+    excluded, as in the JSON records), the median over the repeats; the ratio is ours / SB3. Written to
+    ``<out>/throughput_<preset>_<env>.json``.
     """
     ours, sb3 = [], []
     for _ in range(repeats):
