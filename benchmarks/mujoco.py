@@ -4,6 +4,7 @@
     python benchmarks/mujoco.py --preset ppo_mujoco --envs hopper half_cheetah --seeds 0 1 2 --steps 1000000
     python benchmarks/mujoco.py ... --no-sb3               # our preset only (--no-ours: SB3 only)
     python benchmarks/mujoco.py --aggregate-only           # re-read the JSON files of earlier runs
+    python benchmarks/mujoco.py ... --resume               # continue our runs that stopped early (last.ckpt)
     python benchmarks/mujoco.py --throughput --steps 30720 # env steps/s of both, timed alone, as a ratio
 
 Each run is a separate process, one after another, and writes ``<out>/<method>/<env>/seed<k>.json`` (our run dirs,
@@ -69,11 +70,14 @@ def last_episodes_mean(metrics_csv: Path, count: int = LAST_EPISODES) -> float:
     return total / taken if taken else float("nan")
 
 
-def run_ours(preset: str, env: str, seed: int, steps: int, run_dir: Path | None = None) -> dict:
-    """One run of ``train.py +experiment=<preset>`` in its own process: its JSON record."""
+def run_ours(preset: str, env: str, seed: int, steps: int, run_dir: Path | None = None, resume: bool = False) -> dict:
+    """One run of ``train.py +experiment=<preset>`` in its own process: its JSON record. ``resume``: continue the
+    run dir's ``last.ckpt`` if there is one (a run stopped before its budget; its metrics.csv goes on)."""
     run_dir = run_dir or REPO / "outputs" / "mujoco" / preset / env / f"seed{seed}"  # checkpoints stay out of git
     command = [sys.executable, str(REPO / "train.py"), f"+experiment={preset}", f"env={env}", f"seed={seed}",
                f"total_env_steps={steps}", "logger=csv", "stop_on_solve=false", f"hydra.run.dir={run_dir}"]
+    if resume and (run_dir / "last.ckpt").exists():
+        command.append(f"ckpt_path={run_dir / 'last.ckpt'}")
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "WANDB_MODE": "disabled"})
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aggregate-only", action="store_true", help="only print the table of the runs in --out")
     parser.add_argument("--throughput", action="store_true", help="time ours and SB3 alternately (alone!)")
     parser.add_argument("--repeats", type=int, default=3, help="--throughput: pairs of runs")
+    parser.add_argument("--resume", action="store_true", help="continue our runs stopped before their budget")
     parser.add_argument("--sb3-run", nargs=3, metavar=("ENV", "SEED", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sb3_run:  # one SB3 run, in its own process
@@ -168,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         for env in args.envs:
             for seed in args.seeds:
                 if not args.no_ours:
-                    write(args.out / args.preset / env / f"seed{seed}.json", run_ours(args.preset, env, seed, args.steps))
+                    write(args.out / args.preset / env / f"seed{seed}.json",
+                          run_ours(args.preset, env, seed, args.steps, resume=args.resume))
                 if not args.no_sb3:
                     write(args.out / "sb3_ppo" / env / f"seed{seed}.json", sb3_process(env, seed, args.steps))
     print("\n".join(aggregate(args.out)))
