@@ -232,8 +232,9 @@ def check_policy(policy: nn.Module, observation_space: gym.Space, action_space: 
 
     The contract: ``policy(obs)`` on a ``[B, *obs_shape]`` float tensor returns a ``Distribution`` whose
     ``sample()`` is ``[B, *action_shape]`` and whose ``log_prob(actions)`` is ``[B]`` (one log-probability per
-    observation: a Normal over an action vector must be wrapped in ``Independent(..., 1)``). Checked on a batch
-    of 2 observations sampled from ``observation_space``, without gradients.
+    observation: a Normal over an action vector must be wrapped in ``Independent(..., 1)``). A recurrent policy
+    (``recurrent.py``) is checked through ``step(obs, initial_state(2))``, which must also return a ``[2, S]``
+    state. Checked on a batch of 2 observations sampled from ``observation_space``, without gradients.
     """
     name = type(policy).__name__
     parameter = next(policy.parameters(), None)
