@@ -97,6 +97,7 @@ class RolloutCollector:
         self._reset_next = np.zeros(num_envs, dtype=bool)
         self._first = np.ones(num_envs, dtype=bool)  # the current observation begins an episode
         self._policy_state: torch.Tensor | None = None  # a recurrent policy's state per env, [B, S]
+        self._initial_state: torch.Tensor | None = None  # its initial state, made once per batch, not per step
 
     def collect(self, policy: nn.Module, num_steps: int | None = None) -> RolloutBatch:
         """One batch with actions sampled from ``policy``; ``num_steps`` (default T) steps per env.
@@ -180,7 +181,7 @@ class RolloutCollector:
         if not is_recurrent(policy):
             self._policy_state = None
             return None
-        initial = policy.initial_state(self.envs.num_envs)
+        initial = self._initial_state = policy.initial_state(self.envs.num_envs)
         self._policy_state = initial if self._policy_state is None else self._policy_state.to(initial.device)
         # A copy made outside inference mode: the carried state was made inside it, and training differentiates
         # through the tensors built from this one.
@@ -196,7 +197,7 @@ class RolloutCollector:
             dist = policy(obs)
         else:  # the state is reset before an episode's first observation, as the replay in training does
             first = torch.from_numpy(storage.first[t]).to(storage.device).unsqueeze(-1)
-            state = torch.where(first, policy.initial_state(len(first)), self._policy_state)
+            state = torch.where(first, self._initial_state, self._policy_state)
             dist, self._policy_state = policy.step(obs, state)
         action = dist.sample()
         step_logp = dist.log_prob(action)
