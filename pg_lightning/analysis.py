@@ -20,6 +20,7 @@ from pg_lightning.envs import VectorEnvFactory
 from pg_lightning.estimators import Estimator
 from pg_lightning.gradient import policy_loss
 from pg_lightning.off_policy import OffPolicy, importance_loss
+from pg_lightning.recurrent import value_inputs
 from pg_lightning.rollout import RolloutCollector
 from pg_lightning.threads import DEFAULT_TORCH_THREADS, using_threads
 from pg_lightning.validation import positive_int, require
@@ -107,7 +108,8 @@ def _concat_in_time(batches: list[RolloutBatch]) -> RolloutBatch:
         return_before=first.return_before,
         length_before=first.length_before,
         steps_taken=sum(b.valid.sum(0) if b.steps_taken is None else b.steps_taken for b in batches),
-        first=None if any(b.first is None for b in batches) else torch.cat([b.first for b in batches]),
+        first=(None if any(b.first is None for b in batches)
+               else torch.cat([b.first[:-1] for b in batches] + [batches[-1].first[-1:]])),
         policy_state=first.policy_state,  # a recurrent policy's state before the first batch
     )
 
@@ -161,7 +163,7 @@ def _estimate_gradient(policy, batch, estimator, value_fn, off_policy, reduction
         if value_fn is None:
             raise ValueError(f"estimator {estimator.name!r} needs a value function: pass value_fn")
         with torch.no_grad():
-            values = value_fn(batch.obs)
+            values = value_fn(value_inputs(policy, batch))
     params = [p for p in policy.parameters() if p.requires_grad]
     if off_policy is not None and off_policy.reuses_data:
         loss = importance_loss(policy, batch, estimator(batch, values, reduction), off_policy, reduction).loss

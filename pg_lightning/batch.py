@@ -33,8 +33,9 @@ class RolloutBatch:
     ``steps_taken``     ``[B]`` int64        env steps each env took for this batch: its ``valid`` steps and
                                              the steps of episodes the batch does not use (an env waiting
                                              for the others in a whole-episode batch); None: ``valid``'s
-    ``first``           ``[T, B]`` bool      ``obs[t]`` is an episode's first observation (a recurrent
-                                             policy's state is reset before step ``t``); None: not recorded
+    ``first``           ``[T + 1, B]`` bool  ``obs[t]`` is an episode's first observation (a recurrent
+                                             policy's state is reset before step ``t``; ``first[T]`` for
+                                             the bootstrap point); None: not recorded
     ``policy_state``    ``[B, S]``           a recurrent policy's state before step 0 (None: memoryless)
     ==================  ===================  ===============================================================
 

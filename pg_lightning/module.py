@@ -43,6 +43,7 @@ from pg_lightning.natural_gradient import NaturalGradient
 from pg_lightning.normalization import NormalizedObservations, RewardScaler
 from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import check_policy, is_recurrent, mlp_policy
+from pg_lightning.recurrent import value_inputs
 from pg_lightning.rollout import RolloutCollector, RolloutDataset
 from pg_lightning.threads import DEFAULT_TORCH_THREADS, check_torch_threads, set_torch_threads
 from pg_lightning.validation import boolean, non_negative, positive_int, positive_number, require
@@ -165,11 +166,13 @@ class PolicyGradientModule(LightningModule):
         self.estimator = estimator or Estimator()
         self.whole_episodes = self._batch_rule(whole_episodes)
         value_fn = (
-            ValueFunction.for_space(observation_space, self.estimator.value) if self.estimator.value is not None else None
+            ValueFunction.for_policy(policy, observation_space, self.estimator.value)
+            if self.estimator.value is not None else None
         )
         if normalize_observations:
             policy = NormalizedObservations(policy, observation_space.shape)
-            value_fn = None if value_fn is None else NormalizedObservations(value_fn, observation_space.shape)
+            if value_fn is not None and not is_recurrent(policy):  # a recurrent policy's V_φ reads its features
+                value_fn = NormalizedObservations(value_fn, observation_space.shape)
         self.reward_scaler = RewardScaler(self.env.num_envs, self.estimator.gamma) if scale_rewards else None
         self.policy = policy
         self.value_fn = value_fn
@@ -373,7 +376,8 @@ class PolicyGradientModule(LightningModule):
                 metrics["diag/explained_variance"] = explained_variance(result.estimate.value_targets, values[:-1],
                                                                         batch.valid)
             else:
-                metrics.update(fit_value(self.value_fn, batch.obs[:-1], result.estimate.value_targets, batch.valid,
+                inputs = value_inputs(self.policy, batch)[:-1]  # with memory: h_t of the policy just updated
+                metrics.update(fit_value(self.value_fn, inputs, result.estimate.value_targets, batch.valid,
                                          values[:-1], self.estimator.value.steps, value_step,
                                          self.estimator.value.minibatch_size))
         self._update_normalizers(batch)
@@ -414,7 +418,7 @@ class PolicyGradientModule(LightningModule):
     def _minibatch_value_loss(self, data: RolloutBatch, part: EstimatorOutput) -> torch.Tensor:
         """L_V on a minibatch's steps, for the step V_φ shares with the policy (λ-return or Q̂ targets)."""
         assert self.value_fn is not None and part.value_targets is not None
-        return value_loss(self.value_fn, data.obs[:-1], part.value_targets, part.mask)
+        return value_loss(self.value_fn, value_inputs(self.policy, data)[:-1], part.value_targets, part.mask)
 
     def _anneal_learning_rates(self) -> None:
         """lr = lr₀ · (1 - env_steps / total_env_steps) for every optimizer, from the env steps so far (so a
@@ -461,7 +465,7 @@ class PolicyGradientModule(LightningModule):
         if self.value_fn is None:
             return None
         with torch.no_grad():
-            return self.value_fn(batch.obs)
+            return self.value_fn(value_inputs(self.policy, batch))
 
     def _position(self) -> str:
         return f"iteration {self.iterations + 1}, env step {self.env_steps}"

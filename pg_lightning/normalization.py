@@ -103,6 +103,13 @@ class NormalizedObservations(nn.Module):
     def step(self, obs: torch.Tensor, state: torch.Tensor):
         return self.module.step(self.normalizer(obs), state)
 
+    def features(self, obs: torch.Tensor, state: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        return self.module.features(self.normalizer(obs), state, first)
+
+    @property
+    def feature_size(self) -> int:
+        return self.module.feature_size
+
     def update_normalizer(self, obs: torch.Tensor, reduction: Reduction = LOCAL) -> None:
         self.normalizer.update(obs, reduction)
 

@@ -12,9 +12,23 @@ The contract a recurrent policy keeps, beside the memoryless ``policy(obs) -> Di
 - ``step(obs [B, o], state [B, S]) -> (Distribution [B], state [B, S])``: one env step (rollout, evaluation);
 - ``forward(obs [T, B, o], state [B, S], first [T, B] bool) -> Distribution [T, B]``: a batch's steps from the
   state before its first step, the state reset to ``initial_state`` before every step that begins an
-  episode (``first``). The rollout applies the same resets, so training replays exactly what acted.
+  episode (``first``). The rollout applies the same resets, so training replays exactly what acted;
+- ``features(obs, state, first) -> [T, B, F]`` with ``feature_size`` = F: the h_t that ``forward``'s head reads.
 
-``action_distribution(policy, batch)`` is the one place training asks for π(·|·) of a batch's steps.
+``action_distribution(policy, batch)`` is the one place training asks for π(·|·) of a batch's steps, and
+``value_inputs(policy, batch)`` the one place V_φ's inputs are made.
+
+V_φ with memory. A baseline may depend on anything but the action it weights (§5), so in a POMDP it may
+depend on the whole history o_1..o_t, and it must, to be a good one: the expected return after a blank
+observation depends on what came before it. Here V_φ is an MLP on the policy's own h_t, detached:
+
+    V_φ(h_t),   h_t = f_θ(h_{t-1}, o_t)  (no gradient into θ from V_φ's regression)
+
+rather than a second recurrent network. The policy's state already summarises the history, it is carried,
+stored and checkpointed once; a recurrent V_φ would need its own state carried through rollouts, batches and
+checkpoints beside it. Detaching keeps the policy's update the policy gradient alone (CleanRL's LSTM PPO
+instead lets the value loss shape the shared cell). Since h_t moves with θ, V_φ's inputs are made again from
+the current policy whenever V_φ is evaluated or fitted.
 
 Where a batch starts mid-episode (value estimators cut episodes), its stored first state is a constant of the
 loss: the steps before the batch are not differentiated again (truncated backpropagation through time, as in
@@ -44,9 +58,10 @@ class RecurrentPolicy(nn.Module):
 
         x_t = enc(o_t),   h_t = cell(x_t, h_{t-1}),   π(·|h_t) = Categorical(W h_t) or N(W h_t, diag σ²)
 
-    Shapes: ``step``: ``obs [B, obs_dim]``, ``state [B, S]``; ``forward``: ``obs [T, B, obs_dim]``,
+    Shapes: ``step``: ``obs [B, obs_dim]``, ``state [B, S]``; ``forward`` and ``features``: ``obs [T, B, obs_dim]``,
     ``first [T, B]``; S = ``hidden_size`` for a GRU, 2 · ``hidden_size`` for an LSTM (h and c side by side,
-    one tensor so the rollout, the batch and the checkpoint hold one state).
+    one tensor so the rollout, the batch and the checkpoint hold one state); the features are h_t,
+    ``[T, B, hidden_size]``.
     """
 
     recurrent = True
@@ -74,6 +89,7 @@ class RecurrentPolicy(nn.Module):
         self.cell_type = cell
         self.cell = nn.GRUCell(width, hidden_size) if cell == "gru" else nn.LSTMCell(width, hidden_size)
         self.hidden_size = hidden_size
+        self.feature_size = hidden_size
         self.state_size = hidden_size * (2 if cell == "lstm" else 1)
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         out = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
@@ -99,14 +115,19 @@ class RecurrentPolicy(nn.Module):
 
     def forward(self, obs: torch.Tensor, state: torch.Tensor, first: torch.Tensor) -> Distribution:
         """π(·|h_t) for every step of ``obs [T, B, o]`` from ``state`` ``[B, S]``, reset where ``first [T, B]``."""
-        features = self.encoder(obs)  # all steps at once: only the cell runs step by step
+        return self._distribution(self.features(obs, state, first))
+
+    def features(self, obs: torch.Tensor, state: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """h_t ``[T, B, hidden_size]`` for every step of ``obs [T, B, o]`` from ``state`` ``[B, S]``, the state
+        reset to the initial one where ``first [T, B]``."""
+        encoded = self.encoder(obs)  # all steps at once: only the cell runs step by step
         initial = self.initial_state(obs.shape[1])
         hidden = []
         for t in range(obs.shape[0]):
             state = torch.where(first[t].unsqueeze(-1), initial, state)
-            h, state = self._cell(features[t], state)
+            h, state = self._cell(encoded[t], state)
             hidden.append(h)
-        return self._distribution(torch.stack(hidden))
+        return torch.stack(hidden)
 
     def _cell(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the head's input h_t, the next state) from x_t and the state."""
@@ -152,9 +173,31 @@ def action_distribution(policy: nn.Module, batch: RolloutBatch) -> Distribution:
     recurrent one replays the batch's sequences from its stored first state with its episode starts."""
     if not is_recurrent(policy):
         return policy(batch.obs[:-1])
+    _check_sequences(batch)
+    return policy(batch.obs[:-1], batch.policy_state, batch.first[:-1])
+
+
+def value_inputs(policy: nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """What V_φ reads at each of the batch's T + 1 observations: ``obs [T + 1, B, o]`` with a memoryless policy;
+    with a recurrent one the policy's h_t ``[T + 1, B, F]`` over the batch's sequences (see the module doc),
+    without a graph: V_φ's regression does not reach θ."""
+    if not is_recurrent(policy):
+        return batch.obs
+    _check_sequences(batch)
+    with torch.no_grad():
+        return policy.features(batch.obs, batch.policy_state, batch.first)
+
+
+def value_input_size(policy: nn.Module, observation_space: gym.Space) -> int:
+    """The width of ``value_inputs``: the policy's ``feature_size``, or the flat observation's size."""
+    if is_recurrent(policy):
+        return int(policy.feature_size)
+    return int(np.prod(observation_space.shape))
+
+
+def _check_sequences(batch: RolloutBatch) -> None:
     if batch.policy_state is None or batch.first is None:
         raise ValueError(
             "a recurrent policy needs the batch's first state and episode starts (policy_state, first): collect "
             "the batch with RolloutCollector and this policy"
         )
-    return policy(batch.obs[:-1], batch.policy_state, batch.first)

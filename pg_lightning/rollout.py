@@ -134,8 +134,8 @@ class RolloutCollector:
         valid = storage.valid[:num_steps]
         self.env_steps += int(np.count_nonzero(valid))
         self.episodes.track(storage.rew[:num_steps], valid, storage.done(num_steps))
-        return storage.batch(num_steps, self._obs, storage.valid[:num_steps].sum(0), return_before, length_before,
-                             state_before)
+        return storage.batch(num_steps, self._obs, self._first, storage.valid[:num_steps].sum(0), return_before,
+                             length_before, state_before)
 
     def _collect_whole_episodes(self, policy: nn.Module, num_steps: int) -> RolloutBatch:
         """Whole episodes: env b's episodes that start before it has ``num_steps`` steps of them, each to its end."""
@@ -173,7 +173,7 @@ class RolloutCollector:
         self.episodes.record_whole_episodes(storage.rew[:t], storage.valid[:t], storage.done(t))
         self.env_steps += int(taken.sum())
         zeros = torch.zeros(num_envs)
-        return storage.batch(t, self._obs, taken, zeros, zeros.long(), state_before)
+        return storage.batch(t, self._obs, self._first, taken, zeros, zeros.long(), state_before)
 
     def _start_state(self, policy: nn.Module) -> torch.Tensor | None:
         """A recurrent policy's carried state before this batch's step 0 (its initial state at first); None
@@ -273,7 +273,7 @@ class _Storage:
         self.terminated = np.zeros((capacity, num_envs), dtype=bool)
         self.truncated = np.zeros((capacity, num_envs), dtype=bool)
         self.valid = np.zeros((capacity, num_envs), dtype=bool)
-        self.first = np.zeros((capacity, num_envs), dtype=bool)
+        self.first = np.zeros((capacity + 1, num_envs), dtype=bool)
 
     @classmethod
     def for_collector(cls, collector: RolloutCollector, policy: nn.Module, capacity: int) -> _Storage:
@@ -285,7 +285,7 @@ class _Storage:
         old, self.capacity = self.capacity, 2 * self.capacity
         for name in ("obs", "act", "rew", "terminated", "truncated", "valid", "first"):
             rows = getattr(self, name)
-            extra = self.capacity + (name == "obs") - rows.shape[0]
+            extra = self.capacity + (name in ("obs", "first")) - rows.shape[0]
             setattr(self, name, np.concatenate([rows, np.zeros((extra, *rows.shape[1:]), dtype=rows.dtype)]))
         self.logp = torch.cat([self.logp, torch.empty((old, *self.logp.shape[1:]), dtype=self.logp.dtype, device=self.device)])
         self._view_logp_rows()
@@ -306,12 +306,13 @@ class _Storage:
         return self.terminated[:length] | self.truncated[:length]
 
     def batch(
-        self, length: int, last_obs: np.ndarray, steps_taken, return_before: torch.Tensor, length_before: torch.Tensor,
-        policy_state: torch.Tensor | None = None,
+        self, length: int, last_obs: np.ndarray, last_first: np.ndarray, steps_taken, return_before: torch.Tensor,
+        length_before: torch.Tensor, policy_state: torch.Tensor | None = None,
     ) -> RolloutBatch:
-        """The first ``length`` rows as a ``RolloutBatch`` on the policy's device (``obs[length]`` = ``last_obs``);
-        ``policy_state``: a recurrent policy's state before step 0."""
+        """The first ``length`` rows as a ``RolloutBatch`` on the policy's device (``obs[length]`` = ``last_obs``,
+        ``first[length]`` = ``last_first``); ``policy_state``: a recurrent policy's state before step 0."""
         self.obs[length] = last_obs
+        self.first[length] = last_first
         device = self.device
         return RolloutBatch(
             obs=torch.from_numpy(self.obs[: length + 1]).to(device),
@@ -324,7 +325,7 @@ class _Storage:
             return_before=return_before.to(device),
             length_before=length_before.to(device),
             steps_taken=torch.as_tensor(np.asarray(steps_taken, dtype=np.int64)).to(device),
-            first=torch.from_numpy(self.first[:length]).to(device),
+            first=torch.from_numpy(self.first[: length + 1]).to(device),
             policy_state=policy_state,
         )
 

@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import gymnasium as gym
-import numpy as np
 import torch
 from torch import nn
 
 from pg_lightning.policies import mlp
+from pg_lightning.recurrent import value_input_size
 from pg_lightning.validation import positive_int, positive_number, require
 
 
@@ -64,19 +64,21 @@ class ValueFunctionConfig:
 
 
 class ValueFunction(nn.Module):
-    """V_φ: ``obs [..., obs_dim] -> [...]``, an MLP with a scalar output."""
+    """V_φ: ``inputs [..., input_dim] -> [...]``, an MLP with a scalar output. Its inputs are the observations, or
+    with a recurrent policy that policy's features h_t (``recurrent.value_inputs``)."""
 
-    def __init__(self, obs_dim: int, config: ValueFunctionConfig = ValueFunctionConfig()):
+    def __init__(self, input_dim: int, config: ValueFunctionConfig = ValueFunctionConfig()):
         super().__init__()
-        self.net = mlp(obs_dim, list(config.hidden_sizes), 1, config.activation, last_gain=1.0,
+        self.net = mlp(input_dim, list(config.hidden_sizes), 1, config.activation, last_gain=1.0,
                        orthogonal_init=config.orthogonal_init)
 
     @classmethod
-    def for_space(cls, observation_space: gym.Space, config: ValueFunctionConfig) -> ValueFunction:
-        return cls(int(np.prod(observation_space.shape)), config)
+    def for_policy(cls, policy: nn.Module, observation_space: gym.Space, config: ValueFunctionConfig) -> ValueFunction:
+        """V_φ for the inputs ``recurrent.value_inputs(policy, batch)`` gives."""
+        return cls(value_input_size(policy, observation_space), config)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs).squeeze(-1)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs).squeeze(-1)
 
 
 def value_optimizer(value_fn: nn.Module, config: ValueFunctionConfig) -> torch.optim.Optimizer:
@@ -84,15 +86,16 @@ def value_optimizer(value_fn: nn.Module, config: ValueFunctionConfig) -> torch.o
     return torch.optim.Adam(value_fn.parameters(), lr=config.lr, foreach=True)  # same numbers, faster on CPU
 
 
-def value_loss(value_fn: nn.Module, obs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error ½ (V_φ(s_t) - target_t)² over the masked steps; ``obs [T, B, o]``, the rest ``[T, B]``."""
-    error = (value_fn(obs) - targets.detach()) ** 2
+def value_loss(value_fn: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error ½ (V_φ(s_t) - target_t)² over the masked steps; ``inputs [T, B, i]`` (``value_inputs``),
+    the rest ``[T, B]``."""
+    error = (value_fn(inputs) - targets.detach()) ** 2
     return 0.5 * (error * mask).sum() / mask.sum().clamp(min=1)
 
 
 def fit_value(
     value_fn: nn.Module,
-    obs: torch.Tensor,
+    inputs: torch.Tensor,
     targets: torch.Tensor,
     mask: torch.Tensor,
     values_before: torch.Tensor,
@@ -103,7 +106,7 @@ def fit_value(
     """``steps`` regression steps of V_φ on ``targets``; stops at the first skipped step.
 
     Args:
-        obs: ``[T, B, o]``, the batch's observations (without the final one).
+        inputs: ``[T, B, i]``, what V_φ reads at the batch's steps (``recurrent.value_inputs`` without the last row).
         targets: ``[T, B]`` the bootstrapped reward-to-go Q̂_t.
         mask: ``[T, B]`` the steps to fit.
         values_before: ``[T, B]`` V_φ(s_t) before the fit, for the explained variance 1 - Var(Q̂ - V) / Var(Q̂).
@@ -112,8 +115,8 @@ def fit_value(
 
     Returns ``loss/value`` (the last step's loss) and ``diag/explained_variance``.
     """
-    for part_obs, part_targets, part_mask in _value_minibatches(obs, targets, mask, steps, minibatch_size):
-        loss = value_loss(value_fn, part_obs, part_targets, part_mask)
+    for part_inputs, part_targets, part_mask in _value_minibatches(inputs, targets, mask, steps, minibatch_size):
+        loss = value_loss(value_fn, part_inputs, part_targets, part_mask)
         if not step(loss):
             break
     return {"loss/value": loss.detach(), "diag/explained_variance": explained_variance(targets, values_before, mask)}
@@ -126,13 +129,13 @@ def explained_variance(targets: torch.Tensor, values_before: torch.Tensor, mask:
     return 1.0 - residual.var() / targets[mask].var().clamp(min=1e-8)
 
 
-def _value_minibatches(obs, targets, mask, steps: int, minibatch_size: int | None):
-    """``steps`` (obs, targets, mask) triples: the whole batch each time, or minibatches of the masked steps."""
+def _value_minibatches(inputs, targets, mask, steps: int, minibatch_size: int | None):
+    """``steps`` (inputs, targets, mask) triples: the whole batch each time, or minibatches of the masked steps."""
     if minibatch_size is None:
         for _ in range(steps):
-            yield obs, targets, mask
+            yield inputs, targets, mask
         return
-    flat_obs, flat_targets = obs[mask], targets[mask]
+    flat_inputs, flat_targets = inputs[mask], targets[mask]
     ones = torch.ones(len(flat_targets), dtype=torch.bool, device=flat_targets.device)
     order, position = torch.randperm(len(flat_targets), device=flat_targets.device), 0
     for _ in range(steps):
@@ -140,4 +143,4 @@ def _value_minibatches(obs, targets, mask, steps: int, minibatch_size: int | Non
             order, position = torch.randperm(len(flat_targets), device=flat_targets.device), 0
         index = order[position : position + minibatch_size]
         position += minibatch_size
-        yield flat_obs[index], flat_targets[index], ones[: len(index)]
+        yield flat_inputs[index], flat_targets[index], ones[: len(index)]

@@ -34,6 +34,7 @@ from pg_lightning.module import PolicyGradientModule
 from pg_lightning.analysis import collect
 from pg_lightning.run import make_module, optimizer_callbacks
 from pg_lightning.threads import set_torch_threads
+from pg_lightning.recurrent import value_inputs
 from pg_lightning.value import ValueFunction, value_loss, value_optimizer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -79,15 +80,15 @@ def fit_value_function(
     ``steps`` Adam steps on random minibatches of the batch's valid steps.
     """
     assert estimator.value is not None
-    value_fn = ValueFunction.for_space(module.env.spaces()[0], estimator.value)
+    value_fn = ValueFunction.for_policy(module.policy, module.env.spaces()[0], estimator.value)
     targets = estimator(batch, torch.zeros(batch.num_steps + 1, batch.num_envs)).value_targets
-    obs, targets = batch.obs[:-1][batch.valid], targets[batch.valid]
+    inputs, targets = value_inputs(module.policy, batch)[:-1][batch.valid], targets[batch.valid]
     optimizer = value_optimizer(value_fn, estimator.value)
     ones = torch.ones_like(targets, dtype=torch.bool)
     for _ in range(steps):
         pick = torch.randint(len(targets), (min(minibatch, len(targets)),))
         optimizer.zero_grad()
-        value_loss(value_fn, obs[pick], targets[pick], ones[pick]).backward()
+        value_loss(value_fn, inputs[pick], targets[pick], ones[pick]).backward()
         optimizer.step()
     return value_fn
 

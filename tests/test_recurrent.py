@@ -40,14 +40,14 @@ def test_replayed_log_probs_equal_the_collected_ones_with_resets_inside_the_batc
     collector = masked_collector(60, whole_episodes)
     collector.collect(policy)
     batch = collector.collect(policy)  # the second batch: cut mid-episode, it starts from a carried state
-    assert batch.first[1:].any(), "episodes start inside the batch"
+    assert batch.first[1:-1].any(), "episodes start inside the batch"
     if not whole_episodes:
         assert batch.policy_state.abs().sum() > 0, "the state carried into step 0 is not the initial one"
     valid = batch.valid
     replayed = action_distribution(policy, batch).log_prob(batch.act)
     torch.testing.assert_close(replayed[valid], batch.logp_behavior[valid], rtol=1e-5, atol=1e-5)
     # The check can fail: a replay without the resets (or from the initial state) gives other log-probs.
-    no_resets = policy(batch.obs[:-1], batch.policy_state, torch.zeros_like(batch.first)).log_prob(batch.act)
+    no_resets = policy(batch.obs[:-1], batch.policy_state, torch.zeros_like(batch.first[:-1])).log_prob(batch.act)
     assert not torch.allclose(no_resets[valid], batch.logp_behavior[valid], atol=1e-4)
 
 
@@ -87,9 +87,12 @@ def test_the_state_is_reset_at_episode_starts_and_nowhere_else():
                 assert seen[t, env] == length - 1, (env, t)
                 length, checked = 0, checked + 1
     assert checked >= 20
-    # The stored starts are the steps the state was reset before.
-    first = np.concatenate([b.first.numpy() for b in batches])
+    # The stored starts are the steps the state was reset before; a batch's last row (its bootstrap point) is the
+    # next batch's first.
+    first = np.concatenate([b.first[:-1].numpy() for b in batches])
     assert ((seen == 0) == first).all()
+    for before, after in zip(batches, batches[1:]):
+        assert torch.equal(before.first[-1], after.first[0])
 
 
 def test_a_resumed_recurrent_run_continues_exactly_like_the_uninterrupted_one(tmp_path):
@@ -180,6 +183,62 @@ def test_a_rollout_that_does_not_carry_the_state_is_caught_as_biased(cue_exact):
     policy, _, exact = cue_exact
     z = z_scores(cue_estimates(Forgetful(policy), E.reinforce(1.0)), exact)
     assert z.max() > 3 * Z, z.tolist()
+
+
+# --- V_φ with memory -------------------------------------------------------------------------------------------
+
+
+class NamesCueZero(nn.Module):
+    """A memoryless policy that names cue 0 (action 0) with probability ≈ 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor([8.0, -8.0]))
+
+    def forward(self, obs):
+        return Categorical(logits=self.logits.expand(*obs.shape[:-1], 2))
+
+
+def cue_values_after_training(policy: nn.Module) -> dict[int, float]:
+    """Train V_φ (GAE's) through the module's own loop on CueMemory while the policy stays as it is (lr 0), then
+    V_φ's mean over the blank steps of fresh episodes, by the episode's cue, read through ``module._values``."""
+    import lightning as L
+
+    from pg_lightning import PolicyGradientModule
+    from pg_lightning.value import ValueFunctionConfig
+
+    if "CueMemoryTest-v0" not in gym.registry:
+        gym.register("CueMemoryTest-v0", entry_point=CueMemory)
+    torch.manual_seed(0)
+    module = PolicyGradientModule(VectorEnvFactory("CueMemoryTest-v0", num_envs=8), policy=policy,
+                                  estimator=E.gae(0.99, 0.95, ValueFunctionConfig(lr=1e-2, steps=20)),
+                                  optimizer=lambda params: torch.optim.SGD(params, lr=0.0), steps_per_env=30,
+                                  max_iterations=40, whole_episodes=False)
+    trainer = L.Trainer(max_epochs=-1, accelerator="cpu", logger=False, enable_model_summary=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module)
+    batch = RolloutCollector(gym.vector.SyncVectorEnv([CueMemory] * 8), steps_per_env=60, seed=7).collect(module.policy)
+    values = module._values(batch)[:-1]  # [T, B]
+    blank = batch.valid & (batch.obs[:-1, :, 2] == 1)
+    cue = torch.zeros_like(batch.valid, dtype=torch.long)
+    for t in range(batch.num_steps):  # each step's episode cue: the first observation's
+        start = batch.first[t] & (batch.obs[t, :, 2] == 0)
+        cue[t] = torch.where(start, batch.obs[t, :, 1].long(), cue[t - 1] if t else cue[t])
+    return {c: values[blank & (cue == c)].mean().item() for c in (0, 1)}
+
+
+def test_v_phi_reads_the_policys_memory_where_the_return_depends_on_the_past():
+    """The policy names cue 0, so after a blank the return is ≈ 1 if the cue was 0 and 0 if it was 1. V_φ on the
+    recurrent policy's h_t learns both; V_φ on the observation (a memoryless policy's) cannot tell the blanks
+    apart, so its two means are equal: the case that shows the check can fail."""
+    policy = cue_policy()
+    with torch.no_grad():
+        policy.head.weight.zero_()
+        policy.head.bias.copy_(torch.tensor([8.0, -8.0]))
+    with_memory = cue_values_after_training(policy)
+    assert with_memory[0] > 0.8 and with_memory[1] < 0.2, with_memory
+    without_memory = cue_values_after_training(NamesCueZero())
+    assert abs(without_memory[0] - without_memory[1]) < 1e-6, without_memory
 
 
 # --- Every update kind, and what is refused -------------------------------------------------------------------
