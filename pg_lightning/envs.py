@@ -148,15 +148,45 @@ def _select_observations(envs: VectorEnv, indices: list[int]) -> VectorEnv:
     )
 
 
-def check_action_space(space: gym.Space) -> None:
-    """Refuse action spaces the rollout cannot send to an env (one clear line)."""
-    if isinstance(space, gym.spaces.Discrete) or (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
+class UnsupportedSpace(ValueError):
+    """An observation or action space that pg_lightning's policies or rollout do not handle; the module adds the
+    env's id to the message."""
+
+
+def check_action_space(space: gym.Space, env_id: str | None = None) -> None:
+    """Refuse action spaces the rollout cannot send to an env, in one line naming the env."""
+    if (isinstance(space, (gym.spaces.Discrete, gym.spaces.MultiBinary))
+            or (isinstance(space, gym.spaces.MultiDiscrete) and len(space.shape) == 1)
+            or (isinstance(space, gym.spaces.Box) and len(space.shape) == 1)):
         return
-    raise ValueError(f"action space {space} is not supported: pg_lightning handles Discrete and 1-D Box actions")
+    where = f"env.id={env_id!r}: " if env_id else ""
+    raise UnsupportedSpace(
+        f"{where}action space {space} is not supported: pg_lightning handles Discrete, MultiDiscrete (one row of "
+        "components), MultiBinary and 1-D Box actions; wrap the env so that its actions are one of these"
+    )
+
+
+def require_flat_observations(space: gym.Space, policies: str) -> None:
+    """Refuse, for the shipped ``policies``, an observation space that is not a flat Box; say what to do instead."""
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        return
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 3:
+        hint = "images need a CNN encoder, not shipped yet: pass your own policy"
+    elif isinstance(space, (gym.spaces.Dict, gym.spaces.Tuple, gym.spaces.Discrete, gym.spaces.Box)):
+        hint = ("flatten it with gymnasium.wrappers.FlattenObservation where the env is made (env.imports can "
+                "register a wrapped env), or pass your own policy")
+    else:
+        hint = "pass your own policy"
+    raise UnsupportedSpace(f"observation space {space} is not supported by the {policies}: they need a flat Box; {hint}")
 
 
 def to_env_action(act: np.ndarray, space: gym.Space) -> np.ndarray:
-    """Map sampled actions to what the env accepts: Box actions are clipped to the bounds."""
+    """Map sampled actions to what the env accepts: Box actions are clipped to the bounds; categorical indices
+    0..n-1 are shifted by the space's ``start``; bits are cast to the space's dtype."""
     if isinstance(space, gym.spaces.Box):
         return np.clip(act, space.low, space.high).astype(space.dtype, copy=False)
+    if isinstance(space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
+        return act if not np.any(space.start) else act + space.start
+    if isinstance(space, gym.spaces.MultiBinary):
+        return act.astype(space.dtype)
     return act

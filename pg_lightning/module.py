@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.diagnostics import gradient_statistics, sub_batch_gradients
-from pg_lightning.envs import VectorEnvFactory, check_action_space
+from pg_lightning.envs import UnsupportedSpace, VectorEnvFactory, check_action_space
 from pg_lightning.distributed import LOCAL, reduction_for
 from pg_lightning.estimators import Estimator, EstimatorOutput
 from pg_lightning.evaluation import evaluate_policy
@@ -159,9 +159,12 @@ class PolicyGradientModule(LightningModule):
         # Every argument above is checked before the env is made (spaces() makes one).
         self.env = env if isinstance(env, VectorEnvFactory) else VectorEnvFactory(id=env)
         observation_space, action_space = self.env.spaces()
-        check_action_space(action_space)
+        check_action_space(action_space, self.env.id)
         if not isinstance(policy, nn.Module):
-            policy = (policy or mlp_policy)(observation_space, action_space)
+            try:
+                policy = (policy or mlp_policy)(observation_space, action_space)
+            except UnsupportedSpace as error:  # the policy cannot read this env's spaces: say which env
+                raise UnsupportedSpace(f"env.id={self.env.id!r}: {error}") from None
         check_policy(policy, observation_space, action_space)  # a broken contract fails here, not deep in a rollout
         self.estimator = estimator or Estimator()
         self.whole_episodes = self._batch_rule(whole_episodes)

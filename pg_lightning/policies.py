@@ -4,7 +4,8 @@ The library only ever calls ``policy(obs)`` and then ``.sample()``, ``.log_prob(
 and ``.mode`` on the result, so a user's own network plugs in unchanged (a policy with memory keeps the
 contract of ``recurrent.py`` instead). Two are shipped here:
 
-- ``CategoricalMLP`` for ``Discrete`` actions: π(a|s) = softmax(f_θ(s))_a.
+- ``CategoricalMLP`` for ``Discrete`` actions: π(a|s) = softmax(f_θ(s))_a; for ``MultiDiscrete`` and
+  ``MultiBinary`` actions independent categoricals or Bernoullis on the same logits (``distributions.py``).
 - ``GaussianMLP`` for ``Box`` actions: π(a|s) = N(μ_θ(s), diag(σ²)) with a state-independent log σ; with
   ``squash=True`` the sample u goes through a = m + h · tanh(u), m and h the middle and half-width of the
   action bounds (``SquashedGaussian``, the change of variables in its log-prob).
@@ -21,9 +22,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical, Distribution, Independent, Normal, TransformedDistribution
+from torch.distributions import Distribution, Independent, Normal, TransformedDistribution
 from torch.distributions.transforms import AffineTransform, TanhTransform
 
+from pg_lightning.envs import check_action_space, require_flat_observations
+from pg_lightning.distributions import DISCRETE_SPACES, logits_distribution, logits_size
 from pg_lightning.validation import boolean, require
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
@@ -65,52 +68,28 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-class GatherCategorical(Categorical):
-    """torch's ``Categorical`` with the per-step calls of the rollout and the evaluation made lighter; the
-    same numbers, fewer tensor ops (each op on a small ``[B, n]`` tensor costs about as much as a layer of the MLP):
-
-    - ``log_prob`` of actions shaped like the batch: one gather of the normalised logits, no ``broadcast_tensors``;
-    - ``sample()``: the draw ``Categorical.sample`` makes (``multinomial`` with replacement on π(·|s)) without
-      its reshapes to a sample shape;
-    - ``mode``: argmax of the logits (log π has the argmax of π; torch computes π first).
-
-    Other shapes go through torch's own methods.
-    """
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if value.shape != self.batch_shape:
-            return super().log_prob(value)
-        return self.logits.gather(-1, value.long().unsqueeze(-1)).squeeze(-1)
-
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
-        if sample_shape != torch.Size() or self.logits.dim() != 2:
-            return super().sample(sample_shape)
-        return torch.multinomial(self.probs, 1, True).squeeze(-1)
-
-    @property
-    def mode(self) -> torch.Tensor:
-        return self.logits.argmax(-1)
-
-
 class CategoricalMLP(nn.Module):
-    """π(·|s) = Categorical(logits = f_θ(s)) for a ``Discrete(n)`` action space.
+    """π(·|s) from logits z = f_θ(s): a categorical for ``Discrete(n)`` (``num_actions`` = n or the space), and
+    for ``MultiDiscrete`` or ``MultiBinary`` spaces independent categoricals or Bernoullis (``distributions.py``).
 
-    Shapes: ``obs [..., obs_dim] -> Categorical`` with ``batch_shape [...]`` over ``n`` actions.
+    Shapes: ``obs [..., obs_dim] -> Distribution`` with ``batch_shape [...]``.
     """
 
     def __init__(
         self,
         obs_dim: int,
-        num_actions: int,
+        num_actions: int | gym.Space,
         hidden_sizes: Sequence[int] = (64, 64),
         activation: str = "tanh",
         orthogonal_init: bool = False,
     ):
         super().__init__()
-        self.logits = mlp(obs_dim, hidden_sizes, num_actions, activation, orthogonal_init=orthogonal_init)
+        self.action_space = gym.spaces.Discrete(num_actions) if isinstance(num_actions, int) else num_actions
+        self.logits = mlp(obs_dim, hidden_sizes, logits_size(self.action_space), activation,
+                          orthogonal_init=orthogonal_init)
 
     def forward(self, obs: torch.Tensor) -> Distribution:
-        return GatherCategorical(logits=self.logits(obs), validate_args=False)
+        return logits_distribution(self.action_space, self.logits(obs))
 
 
 class ClampedTanhTransform(TanhTransform):
@@ -197,29 +176,24 @@ def mlp_policy(
     orthogonal_init: bool = False,
     squash: bool = False,
 ) -> nn.Module:
-    """The shipped MLP policy that fits the spaces: categorical for ``Discrete``, Gaussian for ``Box``.
+    """The shipped MLP policy that fits the spaces: categorical for ``Discrete`` (and ``MultiDiscrete``,
+    ``MultiBinary``: ``CategoricalMLP``), Gaussian for ``Box``.
     ``orthogonal_init``: hidden layers orthogonal with gain √2 (the policy head always has gain 0.01).
     ``squash``: ``Box`` only: tanh-squash the Gaussian into the action bounds (which must be finite) instead
     of clipping its samples when they are sent to the env."""
     require("policy.squash", squash, boolean, "true or false")
-    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
-        raise ValueError(
-            f"observation space {observation_space} is not supported by the MLP policies: they need a flat Box"
-        )
+    require_flat_observations(observation_space, "MLP policies")
+    check_action_space(action_space)
     obs_dim = int(np.prod(observation_space.shape))
     hidden_sizes = list(hidden_sizes)
     if squash and not (isinstance(action_space, gym.spaces.Box) and np.isfinite(action_space.low).all()
                        and np.isfinite(action_space.high).all()):
         raise ValueError(f"policy.squash=true needs a Box action space with finite bounds, got {action_space}")
-    if isinstance(action_space, gym.spaces.Discrete):
-        return CategoricalMLP(obs_dim, int(action_space.n), hidden_sizes, activation, orthogonal_init)
-    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
-        bounds = (action_space.low, action_space.high) if squash else None
-        return GaussianMLP(obs_dim, int(action_space.shape[0]), hidden_sizes, activation, log_std_init,
-                           orthogonal_init, squash_bounds=bounds)
-    raise ValueError(
-        f"action space {action_space} is not supported: use Discrete or a 1-D Box, or pass your own policy"
-    )
+    if isinstance(action_space, DISCRETE_SPACES):
+        return CategoricalMLP(obs_dim, action_space, hidden_sizes, activation, orthogonal_init)
+    bounds = (action_space.low, action_space.high) if squash else None
+    return GaussianMLP(obs_dim, int(action_space.shape[0]), hidden_sizes, activation, log_std_init,
+                       orthogonal_init, squash_bounds=bounds)
 
 
 def is_recurrent(policy: nn.Module) -> bool:

@@ -47,14 +47,17 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 
 from pg_lightning.batch import RolloutBatch
-from pg_lightning.policies import ACTIVATIONS, LOG_STD_MAX, LOG_STD_MIN, GatherCategorical, is_recurrent
+from pg_lightning.envs import check_action_space, require_flat_observations
+from pg_lightning.distributions import DISCRETE_SPACES, logits_distribution, logits_size
+from pg_lightning.policies import ACTIVATIONS, LOG_STD_MAX, LOG_STD_MIN, is_recurrent
 from pg_lightning.validation import positive_int, require
 
 CELLS = ("gru", "lstm")
 
 
 class RecurrentPolicy(nn.Module):
-    """An MLP encoder, a GRU or LSTM cell, and a categorical or diagonal-Gaussian head.
+    """An MLP encoder, a GRU or LSTM cell, and a categorical (``distributions.py``: also multi-discrete and
+    multi-binary) or diagonal-Gaussian head.
 
         x_t = enc(o_t),   h_t = cell(x_t, h_{t-1}),   π(·|h_t) = Categorical(W h_t) or N(W h_t, diag σ²)
 
@@ -69,7 +72,7 @@ class RecurrentPolicy(nn.Module):
     def __init__(
         self,
         obs_dim: int,
-        action_space: gym.spaces.Discrete | gym.spaces.Box,
+        action_space: gym.Space,
         cell: str = "gru",
         hidden_size: int = 64,
         encoder_sizes: Sequence[int] = (64,),
@@ -91,8 +94,9 @@ class RecurrentPolicy(nn.Module):
         self.hidden_size = hidden_size
         self.feature_size = hidden_size
         self.state_size = hidden_size * (2 if cell == "lstm" else 1)
-        self.discrete = isinstance(action_space, gym.spaces.Discrete)
-        out = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
+        self.action_space = action_space
+        self.discrete = isinstance(action_space, DISCRETE_SPACES)
+        out = logits_size(action_space) if self.discrete else int(np.prod(action_space.shape))
         self.head = nn.Linear(hidden_size, out)
         if not self.discrete:
             self.log_std = nn.Parameter(torch.full((out,), float(log_std_init)))
@@ -140,7 +144,7 @@ class RecurrentPolicy(nn.Module):
     def _distribution(self, hidden: torch.Tensor) -> Distribution:
         out = self.head(hidden)
         if self.discrete:
-            return GatherCategorical(logits=out, validate_args=False)
+            return logits_distribution(self.action_space, out)
         std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp().expand_as(out)
         return Independent(Normal(out, std, validate_args=False), 1, validate_args=False)
 
@@ -157,13 +161,8 @@ def recurrent_policy(
 ) -> RecurrentPolicy:
     """The shipped recurrent policy for a flat Box observation space and Discrete or 1-D Box actions
     (``policy=gru``, ``policy=lstm``)."""
-    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
-        raise ValueError(
-            f"observation space {observation_space} is not supported by the recurrent policies: they need a flat Box"
-        )
-    if not (isinstance(action_space, gym.spaces.Discrete)
-            or (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1)):
-        raise ValueError(f"action space {action_space} is not supported: use Discrete or a 1-D Box")
+    require_flat_observations(observation_space, "recurrent policies")
+    check_action_space(action_space)
     return RecurrentPolicy(int(observation_space.shape[0]), action_space, cell, hidden_size, list(encoder_sizes),
                            activation, log_std_init, orthogonal_init)
 

@@ -80,10 +80,10 @@ class RolloutCollector:
         whole_episodes: bool = False,
     ):
         require("steps_per_env", steps_per_env, positive_int, "a positive integer")
-        check_action_space(envs.single_action_space)
-        self.envs = envs
         spec = getattr(envs, "spec", None)
         self.name = name or (spec.id if spec is not None else type(envs).__name__)
+        check_action_space(envs.single_action_space, self.name)
+        self.envs = envs
         self.steps_per_env = steps_per_env
         self.gamma = gamma
         self.seed = seed
@@ -351,7 +351,8 @@ def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _sample_dtype(action_space: gym.Space, dtype: torch.dtype) -> np.dtype:
-    """What a policy's ``sample()`` returns: class indices (int64) for ``Discrete``, its float ``dtype`` for ``Box``."""
-    if isinstance(action_space, gym.spaces.Discrete):
+    """What a policy's ``sample()`` returns: class indices (int64) for ``Discrete`` and ``MultiDiscrete``, its float
+    ``dtype`` for ``Box`` and ``MultiBinary`` (Bernoulli samples are 0./1. floats)."""
+    if isinstance(action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
         return np.dtype(np.int64)
     return torch.empty((), dtype=dtype).numpy().dtype

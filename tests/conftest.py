@@ -98,11 +98,56 @@ class FaultyEnv(CountingEnv):
         return obs, reward, terminated, truncated, info
 
 
-class MultiDiscreteEnv(CountingEnv):
+class TupleActionEnv(CountingEnv):
+    """Actions no policy here handles (a Tuple)."""
+
     def __init__(self):
         super().__init__()
-        self.action_space = gym.spaces.MultiDiscrete([2, 2])
+        self.action_space = gym.spaces.Tuple((gym.spaces.Discrete(2), gym.spaces.Discrete(2)))
+
+
+class PixelsEnv(CountingEnv):
+    """Image observations (uint8, height x width x channels), which the MLP policies do not read."""
+
+    def __init__(self):
+        super().__init__()
+        self.observation_space = gym.spaces.Box(0, 255, shape=(8, 8, 3), dtype=np.uint8)
+
+
+class CodeEnv(gym.Env):
+    """A contextual bandit over composite actions: each of 16 steps shows a context c ∈ {0, 1, 2} (one-hot); each
+    action component that equals the context's code ``CODES[c]`` earns 1 / K. Optimal return 16; uniform
+    actions earn 16 · mean_k(1 / n_k) (MultiDiscrete([3, 4]): 4.7, MultiBinary(4): 8)."""
+
+    metadata: dict = {"render_modes": []}
+    SPACES = {"multi_discrete": gym.spaces.MultiDiscrete([3, 4]), "multi_binary": gym.spaces.MultiBinary(4)}
+    CODES = {"multi_discrete": [[0, 3], [2, 1], [1, 0]], "multi_binary": [[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 1]]}
+
+    def __init__(self, kind: str = "multi_discrete"):
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(3,), dtype=np.float32)
+        self.action_space = self.SPACES[kind]
+        self.codes = np.array(self.CODES[kind])
+        self.context, self.t = 0, 0
+
+    def _obs(self) -> np.ndarray:
+        return np.eye(3, dtype=np.float32)[self.context]
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.context, self.t = int(self.np_random.integers(3)), 0
+        return self._obs(), {}
+
+    def step(self, action):
+        assert self.action_space.contains(np.asarray(action, dtype=self.action_space.dtype)), action
+        reward = float(np.mean(np.asarray(action) == self.codes[self.context]))
+        self.t += 1
+        self.context = int(self.np_random.integers(3))
+        return self._obs(), reward, self.t >= 16, False, {}
 
 
 gym.register("PgTest/Faulty-v0", entry_point=FaultyEnv, max_episode_steps=100)
-gym.register("PgTest/MultiDiscrete-v0", entry_point=MultiDiscreteEnv)
+gym.register("PgTest/TupleAction-v0", entry_point=TupleActionEnv)
+gym.register("PgTest/Pixels-v0", entry_point=PixelsEnv)
+for _kind, _name in (("multi_discrete", "MultiDiscrete"), ("multi_binary", "MultiBinary")):
+    gym.register(f"PgTest/{_name}Code-v0", entry_point=CodeEnv, kwargs={"kind": _kind}, max_episode_steps=16,
+                 reward_threshold=15.0)

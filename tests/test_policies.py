@@ -50,7 +50,8 @@ def test_box_actions_are_clipped_only_when_sent_to_the_env():
 
 
 @pytest.mark.parametrize(
-    "space", [gym.spaces.MultiDiscrete([2, 3]), gym.spaces.Dict({"a": gym.spaces.Discrete(2)})]
+    "space", [gym.spaces.MultiDiscrete([[2, 3], [2, 2]]), gym.spaces.Dict({"a": gym.spaces.Discrete(2)}),
+              gym.spaces.Tuple((gym.spaces.Discrete(2), gym.spaces.Discrete(2)))]
 )
 def test_unsupported_action_spaces_are_refused(space):
     with pytest.raises(ValueError, match="action space"):
@@ -120,7 +121,7 @@ def test_gather_categorical_equals_torch_categorical():
     (the same multinomial draw, so the same actions from the same RNG state)."""
     from torch.distributions import Categorical
 
-    from pg_lightning.policies import GatherCategorical
+    from pg_lightning.distributions import GatherCategorical
 
     logits = torch.randn(5, 3, 4)
     fast, reference = GatherCategorical(logits=logits), Categorical(logits=logits)

@@ -1,0 +1,108 @@
+"""Action distributions for the discrete action spaces, made from one logits vector per observation.
+
+- ``Discrete(n)``: π(a|s) = softmax(z)_a, ``n`` logits (``GatherCategorical``).
+- ``MultiDiscrete(nvec)``: K independent categoricals, one per component, ``Σ_k nvec[k]`` logits:
+
+      π(a|s) = Π_k softmax(z_k)_{a_k},   log π(a|s) = Σ_k log softmax(z_k)_{a_k}
+
+  (``MultiCategorical``). Entropy and KL are the sums of the components' too, so the natural gradient's Fisher
+  is the sum of the components' Fishers.
+- ``MultiBinary(shape)``: independent Bernoullis, one logit per bit, log π(a|s) = Σ_i log Bernoulli(a_i; σ(z_i))
+  (``BernoulliVector``).
+
+``logits_size(space)`` says how many outputs a policy's head needs, ``logits_distribution(space, logits)`` makes
+the distribution from them; the MLP and recurrent policies share both.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent
+
+DISCRETE_SPACES = (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
+
+class GatherCategorical(Categorical):
+    """torch's ``Categorical`` with the per-step calls of the rollout and the evaluation made lighter; the
+    same numbers, fewer tensor ops (each op on a small ``[B, n]`` tensor costs about as much as a layer of the MLP):
+
+    - ``log_prob`` of actions shaped like the batch: one gather of the normalised logits, no ``broadcast_tensors``;
+    - ``sample()``: the draw ``Categorical.sample`` makes (``multinomial`` with replacement on π(·|s)) without
+      its reshapes to a sample shape;
+    - ``mode``: argmax of the logits (log π has the argmax of π; torch computes π first).
+
+    Other shapes go through torch's own methods.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if value.shape != self.batch_shape:
+            return super().log_prob(value)
+        return self.logits.gather(-1, value.long().unsqueeze(-1)).squeeze(-1)
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+        if sample_shape != torch.Size() or self.logits.dim() != 2:
+            return super().sample(sample_shape)
+        return torch.multinomial(self.probs, 1, True).squeeze(-1)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return self.logits.argmax(-1)
+
+
+class MultiCategorical(Independent):
+    """K independent categoricals with ``nvec[k]`` classes each, from ``logits [..., Σ nvec]``.
+
+    The components' logits are laid side by side in a ``[..., K, max(nvec)]`` tensor; a component with fewer
+    classes has its extra entries at -inf, which torch's ``Categorical`` treats as probability 0 (never
+    sampled, no entropy, no KL). Shapes: ``batch_shape [...]``, ``event_shape [K]``; actions are int64.
+    """
+
+    def __init__(self, logits: torch.Tensor, nvec: np.ndarray):
+        widths = [int(n) for n in nvec]
+        if len(set(widths)) == 1:  # equal components: a reshape, no padding
+            padded = logits.reshape(*logits.shape[:-1], len(widths), widths[0])
+        else:
+            padded = logits.new_full((*logits.shape[:-1], len(widths), max(widths)), float("-inf"))
+            for k, part in enumerate(logits.split(widths, dim=-1)):
+                padded[..., k, : widths[k]] = part
+        super().__init__(GatherCategorical(logits=padded, validate_args=False), 1, validate_args=False)
+
+
+class ModeBernoulli(Bernoulli):
+    """torch's ``Bernoulli`` whose ``mode`` is 1 where the logit is > 0 and 0 elsewhere (torch's is NaN at p = ½,
+    which is where a policy starts)."""
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return (self.logits > 0).to(self.logits.dtype)
+
+
+class BernoulliVector(Independent):
+    """Independent bits of a ``MultiBinary(shape)`` action from ``logits [..., prod(shape)]``: ``batch_shape
+    [...]``, ``event_shape`` = ``shape``; actions are 0./1. floats (cast to the env's int8 when sent)."""
+
+    def __init__(self, logits: torch.Tensor, shape: tuple[int, ...]):
+        bits = ModeBernoulli(logits=logits.reshape(*logits.shape[:-1], *shape), validate_args=False)
+        super().__init__(bits, len(shape), validate_args=False)
+
+
+def logits_size(space: gym.Space) -> int:
+    """How many logits a policy's head outputs for the discrete action space ``space``."""
+    if isinstance(space, gym.spaces.Discrete):
+        return int(space.n)
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return int(space.nvec.sum())
+    if isinstance(space, gym.spaces.MultiBinary):
+        return int(np.prod(space.shape))
+    raise ValueError(f"action space {space} has no logits distribution: use Discrete, MultiDiscrete or MultiBinary")
+
+
+def logits_distribution(space: gym.Space, logits: torch.Tensor) -> Distribution:
+    """π(·|s) for the discrete action space ``space`` from ``logits [..., logits_size(space)]``."""
+    if isinstance(space, gym.spaces.Discrete):
+        return GatherCategorical(logits=logits, validate_args=False)
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return MultiCategorical(logits, space.nvec)
+    return BernoulliVector(logits, tuple(space.shape))

@@ -1,0 +1,145 @@
+"""Composite discrete actions: MultiDiscrete (independent categoricals) and MultiBinary (independent Bernoullis),
+from the distribution through the rollout to training with every update kind; Discrete spaces with a ``start``."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from test_configs import compose_with
+from torch.distributions import Bernoulli, Categorical, kl_divergence
+
+from pg_lightning.distributions import BernoulliVector, MultiCategorical, logits_distribution, logits_size
+from pg_lightning.policies import mlp_policy
+from pg_lightning.recurrent import action_distribution, recurrent_policy
+from pg_lightning.rollout import RolloutCollector
+from pg_lightning.run import train
+
+NVEC = np.array([3, 5, 2])
+
+
+def components(logits: torch.Tensor) -> list[Categorical]:
+    return [Categorical(logits=part) for part in logits.split(NVEC.tolist(), dim=-1)]
+
+
+def test_a_multi_discrete_log_prob_entropy_and_kl_are_the_sums_of_the_components():
+    torch.manual_seed(0)
+    logits, other = torch.randn(2, 7, NVEC.sum())
+    dist = MultiCategorical(logits, NVEC)
+    act = dist.sample()
+    assert act.shape == (7, 3) and act.dtype == torch.int64
+    parts = components(logits)
+    torch.testing.assert_close(dist.log_prob(act), sum(c.log_prob(act[:, k]) for k, c in enumerate(parts)))
+    torch.testing.assert_close(dist.entropy(), sum(c.entropy() for c in parts))
+    kl_parts = sum(kl_divergence(p, q) for p, q in zip(parts, components(other)))
+    torch.testing.assert_close(kl_divergence(dist, MultiCategorical(other, NVEC)), kl_parts)
+    torch.testing.assert_close(dist.mode, torch.stack([c.probs.argmax(-1) for c in parts], -1))
+
+
+def test_a_multi_discrete_sample_never_takes_a_padding_class():
+    """Components with fewer classes are padded to the widest with -inf logits: never drawn."""
+    dist = MultiCategorical(torch.zeros(20_000, NVEC.sum()), NVEC)
+    act = dist.sample()
+    for k, n in enumerate(NVEC):
+        counts = torch.bincount(act[:, k], minlength=n)
+        assert len(counts) == n and (counts > 0).all(), (k, counts)
+
+
+def test_a_multi_binary_distribution_sums_its_bits_and_its_mode_is_defined_at_one_half():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 6)
+    dist = BernoulliVector(logits, (2, 3))
+    act = dist.sample()
+    assert act.shape == (5, 2, 3)
+    reference = Bernoulli(logits=logits.reshape(5, 2, 3)).log_prob(act).sum((-2, -1))
+    torch.testing.assert_close(dist.log_prob(act), reference)
+    # torch's own Bernoulli mode is NaN at p = 1/2, where a policy's head starts (zero logits).
+    assert torch.equal(BernoulliVector(torch.zeros(4, 6), (6,)).mode, torch.zeros(4, 6))
+
+
+@pytest.mark.parametrize(
+    ("space", "dtype"),
+    [(gym.spaces.MultiDiscrete([3, 4]), torch.int64), (gym.spaces.MultiBinary(4), torch.float32)],
+    ids=["multi_discrete", "multi_binary"],
+)
+def test_composite_actions_go_through_the_rollout_with_their_shapes_and_dtypes(space, dtype):
+    """The env (``CodeEnv``) asserts that every action it gets is in its space, with the space's dtype."""
+    kind = "multi_discrete" if isinstance(space, gym.spaces.MultiDiscrete) else "multi_binary"
+    envs = gym.make_vec(f"PgTest/{'MultiDiscrete' if kind == 'multi_discrete' else 'MultiBinary'}Code-v0", num_envs=3)
+    policy = mlp_policy(envs.single_observation_space, envs.single_action_space)
+    assert logits_size(space) == (7 if kind == "multi_discrete" else 4)
+    batch = RolloutCollector(envs, steps_per_env=40, seed=0).collect(policy)
+    assert batch.act.shape == (40, 3, 4 if kind == "multi_binary" else 2) and batch.act.dtype == dtype
+    recomputed = policy(batch.obs[:-1]).log_prob(batch.act)
+    torch.testing.assert_close(recomputed[batch.valid], batch.logp_behavior[batch.valid])
+
+
+class ShiftedDiscreteEnv(gym.Env):
+    """Discrete(3, start=-1): the env asserts it gets -1, 0 or 1 (the policy's indices are 0, 1, 2)."""
+
+    metadata: dict = {"render_modes": []}
+    observation_space = gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
+    action_space = gym.spaces.Discrete(3, start=-1)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, dtype=np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        return np.zeros(1, dtype=np.float32), float(action), False, False, {}
+
+
+def test_a_discrete_space_with_a_start_gets_its_own_actions():
+    envs = gym.vector.SyncVectorEnv([ShiftedDiscreteEnv] * 2)
+    policy = mlp_policy(envs.single_observation_space, envs.single_action_space)
+    batch = RolloutCollector(envs, steps_per_env=50, seed=0).collect(policy)
+    assert set(batch.act.unique().tolist()) == {0, 1, 2}
+    assert set(batch.rew.unique().tolist()) == {-1.0, 0.0, 1.0}, "the env's rewards are its actions -1, 0, 1"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env_id", ["PgTest/MultiDiscreteCode-v0", "PgTest/MultiBinaryCode-v0"],
+                         ids=["multi_discrete", "multi_binary"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["estimator=reward_to_go"],
+        ["estimator=gae", "off_policy=clipped"],
+        ["estimator=optimal_baseline"],
+        ["estimator=baseline", "off_policy=trajectory"],
+        ["estimator=value_baseline", "optimizer=natural_gradient"],
+    ],
+    ids=["reward_to_go", "clipped", "optimal_baseline", "trajectory", "natural_gradient"],
+)
+def test_composite_actions_train_with_every_update_kind(env_id, overrides, tmp_path):
+    """Of the optimal 16, uniform actions earn 4.7 (MultiDiscrete) or 8 (MultiBinary), and the best actions that
+    ignore the context 5.3 or 10.7: a return of 12 needs every component to read the context."""
+    summary = train(compose_with("logger=csv", "stop_on_solve=false", f"env.id={env_id}", "env.num_envs=4",
+                                 "steps_per_env=64", "total_env_steps=12000", "eval.num_episodes=8", *overrides),
+                    tmp_path)
+    assert summary["status"] == "finished"
+    assert summary["eval_return_mean"] >= 12.0, summary["eval_return_mean"]
+
+
+@pytest.mark.parametrize("env_id", ["PgTest/MultiDiscreteCode-v0", "PgTest/MultiBinaryCode-v0"],
+                         ids=["multi_discrete", "multi_binary"])
+def test_a_recurrent_policy_replays_composite_actions_and_trains(env_id, tmp_path):
+    envs = gym.make_vec(env_id, num_envs=3)
+    torch.manual_seed(0)
+    policy = recurrent_policy(envs.single_observation_space, envs.single_action_space, hidden_size=8)
+    batch = RolloutCollector(envs, steps_per_env=40, seed=0).collect(policy)
+    replayed = action_distribution(policy, batch).log_prob(batch.act)
+    torch.testing.assert_close(replayed[batch.valid], batch.logp_behavior[batch.valid], rtol=1e-5, atol=1e-5)
+    summary = train(compose_with("logger=none", "stop_on_solve=false", f"env.id={env_id}", "policy=gru",
+                                 "estimator=gae", "off_policy=clipped", "env.num_envs=4", "steps_per_env=32",
+                                 "total_env_steps=256", "eval.num_episodes=2"), tmp_path)
+    assert summary["status"] == "finished" and np.isfinite(summary["eval_return_mean"])
+
+
+def test_logits_distribution_picks_the_distribution_of_the_space():
+    logits = torch.zeros(2, 4)
+    assert isinstance(logits_distribution(gym.spaces.Discrete(4), logits), Categorical)
+    assert isinstance(logits_distribution(gym.spaces.MultiDiscrete([2, 2]), logits), MultiCategorical)
+    assert isinstance(logits_distribution(gym.spaces.MultiBinary(4), logits), BernoulliVector)
