@@ -13,18 +13,20 @@ The contract a recurrent policy keeps, beside the memoryless ``policy(obs) -> Di
 - ``forward(obs [T, B, o], state [B, S], first [T, B] bool) -> Distribution [T, B]``: a batch's steps from the
   state before its first step, the state reset to ``initial_state`` before every step that begins an
   episode (``first``). The rollout applies the same resets, so training replays exactly what acted;
-- ``features(obs, state, first) -> [T, B, F]`` with ``feature_size`` = F: the h_t that ``forward``'s head reads.
+- ``features(obs, state, first) -> [T, B, F]`` with ``feature_size`` = F: what V_φ reads at each step.
 
 ``action_distribution(policy, batch)`` is the one place training asks for π(·|·) of a batch's steps, and
 ``value_inputs(policy, batch)`` the one place V_φ's inputs are made.
 
 V_φ with memory. A baseline may depend on anything but the action it weights (§5), so in a POMDP it may
 depend on the whole history o_1..o_t, and it must, to be a good one: the expected return after a blank
-observation depends on what came before it. Here V_φ is an MLP on the policy's own h_t, detached:
+observation depends on what came before it. Here V_φ is an MLP on what the policy sees now and remembers,
+detached:
 
-    V_φ(h_t),   h_t = f_θ(h_{t-1}, o_t)  (no gradient into θ from V_φ's regression)
+    V_φ([x_t, h_t]),   x_t = enc_θ(o_t),   h_t = f_θ(h_{t-1}, x_t)   (no gradient into θ from V_φ's regression)
 
-rather than a second recurrent network. The policy's state already summarises the history, it is carried,
+rather than a second recurrent network. (x_t beside h_t: the cell is trained for the policy alone, so its
+state need not keep what V_φ needs of the current observation.) The policy's state already summarises the history, it is carried,
 stored and checkpointed once; a recurrent V_φ would need its own state carried through rollouts, batches and
 checkpoints beside it. Detaching keeps the policy's update the policy gradient alone (CleanRL's LSTM PPO
 instead lets the value loss shape the shared cell). Since h_t moves with θ, V_φ's inputs are made again from
@@ -63,8 +65,8 @@ class RecurrentPolicy(nn.Module):
 
     Shapes: ``step``: ``obs [B, obs_dim]``, ``state [B, S]``; ``forward`` and ``features``: ``obs [T, B, obs_dim]``,
     ``first [T, B]``; S = ``hidden_size`` for a GRU, 2 · ``hidden_size`` for an LSTM (h and c side by side,
-    one tensor so the rollout, the batch and the checkpoint hold one state); the features are h_t,
-    ``[T, B, hidden_size]``.
+    one tensor so the rollout, the batch and the checkpoint hold one state); the features are [x_t, h_t],
+    ``[T, B, encoder width + hidden_size]``.
     """
 
     recurrent = True
@@ -92,7 +94,7 @@ class RecurrentPolicy(nn.Module):
         self.cell_type = cell
         self.cell = nn.GRUCell(width, hidden_size) if cell == "gru" else nn.LSTMCell(width, hidden_size)
         self.hidden_size = hidden_size
-        self.feature_size = hidden_size
+        self.feature_size = width + hidden_size  # [x_t, h_t]
         self.state_size = hidden_size * (2 if cell == "lstm" else 1)
         self.action_space = action_space
         self.discrete = isinstance(action_space, DISCRETE_SPACES)
@@ -119,10 +121,14 @@ class RecurrentPolicy(nn.Module):
 
     def forward(self, obs: torch.Tensor, state: torch.Tensor, first: torch.Tensor) -> Distribution:
         """π(·|h_t) for every step of ``obs [T, B, o]`` from ``state`` ``[B, S]``, reset where ``first [T, B]``."""
-        return self._distribution(self.features(obs, state, first))
+        return self._distribution(self._unroll(obs, state, first)[1])
 
     def features(self, obs: torch.Tensor, state: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """h_t ``[T, B, hidden_size]`` for every step of ``obs [T, B, o]`` from ``state`` ``[B, S]``, the state
+        """[x_t, h_t] ``[T, B, feature_size]`` (V_φ's inputs) for the steps ``forward`` takes."""
+        return torch.cat(self._unroll(obs, state, first), dim=-1)
+
+    def _unroll(self, obs, state, first) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t and h_t, ``[T, B, ·]`` each: the cell over ``obs [T, B, o]`` from ``state`` ``[B, S]``, the state
         reset to the initial one where ``first [T, B]``."""
         encoded = self.encoder(obs)  # all steps at once: only the cell runs step by step
         initial = self.initial_state(obs.shape[1])
@@ -131,7 +137,7 @@ class RecurrentPolicy(nn.Module):
             state = torch.where(first[t].unsqueeze(-1), initial, state)
             h, state = self._cell(encoded[t], state)
             hidden.append(h)
-        return torch.stack(hidden)
+        return encoded, torch.stack(hidden)
 
     def _cell(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the head's input h_t, the next state) from x_t and the state."""
@@ -178,8 +184,8 @@ def action_distribution(policy: nn.Module, batch: RolloutBatch) -> Distribution:
 
 def value_inputs(policy: nn.Module, batch: RolloutBatch) -> torch.Tensor:
     """What V_φ reads at each of the batch's T + 1 observations: ``obs [T + 1, B, o]`` with a memoryless policy;
-    with a recurrent one the policy's h_t ``[T + 1, B, F]`` over the batch's sequences (see the module doc),
-    without a graph: V_φ's regression does not reach θ."""
+    with a recurrent one the policy's features [x_t, h_t] ``[T + 1, B, F]`` over the batch's sequences (see the
+    module doc), without a graph: V_φ's regression does not reach θ."""
     if not is_recurrent(policy):
         return batch.obs
     _check_sequences(batch)
