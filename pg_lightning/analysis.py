@@ -111,6 +111,7 @@ def _concat_in_time(batches: list[RolloutBatch]) -> RolloutBatch:
         first=(None if any(b.first is None for b in batches)
                else torch.cat([b.first[:-1] for b in batches] + [batches[-1].first[-1:]])),
         policy_state=first.policy_state,  # a recurrent policy's state before the first batch
+        action_mask=None if first.action_mask is None else torch.cat([b.action_mask for b in batches]),
     )
 
 
@@ -133,6 +134,7 @@ def _first_episodes(batch: RolloutBatch, quota: torch.Tensor) -> RolloutBatch:
         steps_taken=batch.steps_taken,
         first=batch.first,
         policy_state=batch.policy_state,
+        action_mask=batch.action_mask,
     )
 
 

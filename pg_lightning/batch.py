@@ -37,6 +37,8 @@ class RolloutBatch:
                                              policy's state is reset before step ``t``; ``first[T]`` for
                                              the bootstrap point); None: not recorded
     ``policy_state``    ``[B, S]``           a recurrent policy's state before step 0 (None: memoryless)
+    ``action_mask``     ``[T, B, n]`` bool   the actions the env allowed at step ``t`` (its ``action_mask``
+                                             info; ``n`` = Σ nvec for MultiDiscrete); None: no masks
     ==================  ===================  ===============================================================
 
     ``return_before`` is discounted with the ``gamma`` the collector was given, so that REINFORCE can
@@ -55,6 +57,7 @@ class RolloutBatch:
     steps_taken: torch.Tensor | None = None
     first: torch.Tensor | None = None
     policy_state: torch.Tensor | None = None
+    action_mask: torch.Tensor | None = None
 
     @property
     def done(self) -> torch.Tensor:

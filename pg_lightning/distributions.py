@@ -12,6 +12,14 @@
 
 ``logits_size(space)`` says how many outputs a policy's head needs, ``logits_distribution(space, logits)`` makes
 the distribution from them; the MLP and recurrent policies share both.
+
+Invalid-action masks (``mask_actions``): where an env says which actions are valid, π is restricted to them,
+
+    π_m(a|s) = π(a|s) 1[m_a] / Σ_b π(b|s) 1[m_b]   (logits of invalid actions set to -inf),
+
+per component for ``MultiDiscrete`` (its mask is the components' masks side by side, ``[Σ nvec]``). The policy
+itself returns the unmasked π; the rollout, training and evaluation apply the same mask to it, so the stored
+and recomputed log-probs are those of π_m, and ∇ log π_m is the score the policy gradient needs.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ class MultiCategorical(Independent):
     """
 
     def __init__(self, logits: torch.Tensor, nvec: np.ndarray):
+        self.flat_logits, self.nvec = logits, nvec  # what ``mask_actions`` masks
         widths = [int(n) for n in nvec]
         if len(set(widths)) == 1:  # equal components: a reshape, no padding
             padded = logits.reshape(*logits.shape[:-1], len(widths), widths[0])
@@ -86,6 +95,22 @@ class BernoulliVector(Independent):
     def __init__(self, logits: torch.Tensor, shape: tuple[int, ...]):
         bits = ModeBernoulli(logits=logits.reshape(*logits.shape[:-1], *shape), validate_args=False)
         super().__init__(bits, len(shape), validate_args=False)
+
+
+def mask_actions(dist: Distribution, mask: torch.Tensor | None) -> Distribution:
+    """``dist`` restricted to the actions where ``mask`` (bool, ``[..., n]`` or ``[..., Σ nvec]``) is True;
+    ``dist`` itself when ``mask`` is None. The logits of masked actions become -inf: never sampled, probability
+    0, no share of the entropy or the KL."""
+    if mask is None:
+        return dist
+    if isinstance(dist, MultiCategorical):
+        return MultiCategorical(dist.flat_logits.masked_fill(~mask, float("-inf")), dist.nvec)
+    if isinstance(dist, Categorical):
+        return GatherCategorical(logits=dist.logits.masked_fill(~mask, float("-inf")), validate_args=False)
+    raise ValueError(
+        f"the env gives action masks, which apply to categorical policies (Discrete, MultiDiscrete actions); the "
+        f"policy returned a {type(dist).__name__}"
+    )
 
 
 def logits_size(space: gym.Space) -> int:

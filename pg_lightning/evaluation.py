@@ -11,6 +11,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import nn
 
+from pg_lightning.distributions import mask_actions
 from pg_lightning.envs import VectorEnvFactory, to_env_action
 from pg_lightning.policies import is_recurrent
 
@@ -19,19 +20,20 @@ from pg_lightning.policies import is_recurrent
 def evaluate_policy(policy: nn.Module, envs: VectorEnv, seed: int | None = None, max_steps: int = 100_000) -> np.ndarray:
     """Returns of one deterministic episode per env of ``envs`` (``[num_envs]``, undiscounted).
 
-    The action is the mode of π(·|s) (argmax for a categorical, the mean for a Gaussian). Every env is
-    reset at the start, so the episodes are whole; an env that finishes early keeps stepping (its
-    autoreset steps are ignored) until all are done.
+    The action is the mode of π(·|s) (argmax for a categorical, the mean for a Gaussian), among the allowed
+    actions where the env gives an ``action_mask`` in its info. Every env is reset at the start, so the episodes
+    are whole; an env that finishes early keeps stepping (its autoreset steps are ignored) until all are done.
     """
     device = next(policy.parameters()).device
-    obs, _ = envs.reset(seed=seed)
+    obs, info = envs.reset(seed=seed)
     returns = np.zeros(envs.num_envs)
     running = np.ones(envs.num_envs, dtype=bool)
     # A recurrent policy carries its state; each env plays one episode, so it is never reset.
     state = policy.initial_state(envs.num_envs) if is_recurrent(policy) else None
     for _ in range(max_steps):
-        action, state = _mode(policy, torch.as_tensor(obs, dtype=torch.float32, device=device), state)
-        obs, reward, terminated, truncated, _ = envs.step(to_env_action(action.cpu().numpy(), envs.single_action_space))
+        action, state = _mode(policy, torch.as_tensor(obs, dtype=torch.float32, device=device), state,
+                              _mask(info, device))
+        obs, reward, terminated, truncated, info = envs.step(to_env_action(action.cpu().numpy(), envs.single_action_space))
         returns += np.where(running, reward, 0.0)
         running &= ~(terminated | truncated)
         if not running.any():
@@ -39,12 +41,23 @@ def evaluate_policy(policy: nn.Module, envs: VectorEnv, seed: int | None = None,
     raise RuntimeError(f"evaluation episodes did not end within {max_steps} steps")
 
 
-def _mode(policy: nn.Module, obs: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The mode of π(·|obs) (``[B, ...]``) and, for a recurrent policy, its next state."""
+def _mode(
+    policy: nn.Module, obs: torch.Tensor, state: torch.Tensor | None, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mode of π(·|obs) (``[B, ...]``) among the actions ``mask`` allows, and, for a recurrent policy, its
+    next state."""
     if state is None:
-        return policy(obs).mode, None
+        return mask_actions(policy(obs), mask).mode, None
     dist, state = policy.step(obs, state)
-    return dist.mode, state
+    return mask_actions(dist, mask).mode, state
+
+
+def _mask(info: dict, device: torch.device) -> torch.Tensor | None:
+    """An env's ``info['action_mask']`` as a bool tensor ``[B, n]`` (None without one)."""
+    if "action_mask" not in info:
+        return None
+    mask = np.asarray(info["action_mask"], dtype=bool)
+    return torch.as_tensor(mask.reshape(mask.shape[0], -1) if mask.ndim > 1 else mask[None], device=device)
 
 
 @torch.no_grad()
@@ -62,14 +75,14 @@ def record_episode(
     single = gym.make(env.id, render_mode="rgb_array", **dict(env.kwargs))
     indices = list(env.observation_indices) if env.observation_indices is not None else slice(None)
     try:
-        obs, _ = single.reset(seed=seed)
+        obs, info = single.reset(seed=seed)
         frames = [single.render()]
         state = policy.initial_state(1) if is_recurrent(policy) else None
         while len(frames) < max_frames:
             observed = torch.as_tensor(np.asarray(obs)[indices], dtype=torch.float32, device=device)
-            action, state = _mode(policy, observed.unsqueeze(0), state)
+            action, state = _mode(policy, observed.unsqueeze(0), state, _mask(info, device))
             action = action[0]
-            obs, _, terminated, truncated, _ = single.step(to_env_action(action.cpu().numpy(), single.action_space))
+            obs, _, terminated, truncated, info = single.step(to_env_action(action.cpu().numpy(), single.action_space))
             frames.append(single.render())
             if terminated or truncated:
                 break

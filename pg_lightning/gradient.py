@@ -14,6 +14,7 @@ from torch.distributions import Distribution
 from torch.func import functional_call, grad, vmap
 
 from pg_lightning import functional as F
+from pg_lightning.distributions import mask_actions
 from pg_lightning.linalg import unflatten_like
 from pg_lightning.segments import segment_sum
 from pg_lightning.batch import RolloutBatch
@@ -88,15 +89,21 @@ def _optimal_baseline_surrogate(
     num_segments = int(estimate.segments.max()) + 1
     used = segments >= 0
     obs, act, seg = batch.obs[:-1][used], batch.act[used], segments[used]
+    # With action masks each step's score is that of π restricted to its allowed actions (all allowed: none).
+    allowed = batch.action_mask[used] if batch.action_mask is not None else torch.ones_like(seg, dtype=torch.bool)
 
-    def step_logp(params: dict, obs_t: torch.Tensor, act_t: torch.Tensor) -> torch.Tensor:
-        return functional_call(policy, params, (obs_t.unsqueeze(0),)).log_prob(act_t.unsqueeze(0)).squeeze(0)
+    def step_logp(params: dict, obs_t: torch.Tensor, act_t: torch.Tensor, allowed_t: torch.Tensor) -> torch.Tensor:
+        dist = functional_call(policy, params, (obs_t.unsqueeze(0),))
+        if batch.action_mask is not None:
+            dist = mask_actions(dist, allowed_t.unsqueeze(0))
+        return dist.log_prob(act_t.unsqueeze(0)).squeeze(0)
 
-    step_scores = vmap(grad(step_logp), in_dims=(None, 0, 0))
+    step_scores = vmap(grad(step_logp), in_dims=(None, 0, 0, 0))
     num_params = sum(p.numel() for p in params.values())
     scores = logp.new_zeros(num_segments, num_params)  # [S, P]
     for start in range(0, obs.shape[0], SCORE_CHUNK):
-        chunk = step_scores(params, obs[start : start + SCORE_CHUNK], act[start : start + SCORE_CHUNK])
+        window = slice(start, start + SCORE_CHUNK)
+        chunk = step_scores(params, obs[window], act[window], allowed[window])
         flat = torch.cat([chunk[name].reshape(chunk[name].shape[0], -1) for name in names], dim=1)
         scores.index_add_(0, seg[start : start + SCORE_CHUNK], flat)
     steps = segment_sum(estimate.mask.to(logp.dtype), segments, num_segments)

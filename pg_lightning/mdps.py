@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pg_lightning.distributions import mask_actions
+
 
 class TabularMDP(gym.Env):
     """A finite MDP with a fixed horizon.
@@ -23,6 +25,8 @@ class TabularMDP(gym.Env):
         horizon: the episode *terminates* after this many steps (the end of a finite-horizon MDP,
             not a time-limit cut), so J is exactly the finite sum of lecture §1.
         start_state: the initial state.
+        action_mask: ``[S, A]`` bool, the actions allowed in each state (None: all). The env gives its row as
+            ``info["action_mask"]`` at every reset and step and raises on a disallowed action.
     """
 
     metadata: dict = {"render_modes": []}
@@ -35,6 +39,7 @@ class TabularMDP(gym.Env):
         horizon: int,
         start_state: int = 0,
         reward_noise: float = 0.0,
+        action_mask: np.ndarray | None = None,
     ):
         self.transitions = np.asarray(transitions, dtype=np.float64)
         self.rewards = np.asarray(rewards, dtype=np.float64)
@@ -42,6 +47,7 @@ class TabularMDP(gym.Env):
         self.horizon = horizon
         self.start_state = start_state
         self.reward_noise = reward_noise
+        self.action_mask = None if action_mask is None else np.asarray(action_mask, dtype=bool)
         num_states, num_actions, _ = self.transitions.shape
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(num_states,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(num_actions)
@@ -55,16 +61,21 @@ class TabularMDP(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.state, self.t = self.start_state, 0
-        return self._obs(), {}
+        return self._obs(), self._info()
+
+    def _info(self) -> dict:
+        return {} if self.action_mask is None else {"action_mask": self.action_mask[self.state].copy()}
 
     def step(self, action):
         s, a = self.state, int(action)
+        if self.action_mask is not None and not self.action_mask[s, a]:
+            raise ValueError(f"action {a} is not allowed in state {s}")
         reward = self.rewards[s, a] + self.reward_noise * self.np_random.standard_normal()
         cumulative = np.cumsum(self.transitions[s, a])
         self.state = min(int(np.searchsorted(cumulative, self.np_random.random(), side="right")), len(cumulative) - 1)
         self.t += 1
         terminated = bool(self.terminal[self.state]) or self.t >= self.horizon
-        return self._obs(), float(reward), terminated, False, {}
+        return self._obs(), float(reward), terminated, False, self._info()
 
     def tensors(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(P [S, A, S], r [S, A], alive [S])`` as tensors; ``alive`` = 1 for non-terminal states."""
@@ -75,9 +86,11 @@ class TabularMDP(gym.Env):
         )
 
 
-def policy_table(policy: nn.Module, num_states: int) -> torch.Tensor:
-    """``[S, A]`` π(a|s) of ``policy`` at the one-hot observations, differentiable in θ."""
-    return policy(torch.eye(num_states)).probs.double()
+def policy_table(policy: nn.Module, num_states: int, action_mask: np.ndarray | None = None) -> torch.Tensor:
+    """``[S, A]`` π(a|s) of ``policy`` at the one-hot observations, differentiable in θ; with ``action_mask``
+    ``[S, A]`` π restricted to the allowed actions (``distributions.mask_actions``)."""
+    mask = None if action_mask is None else torch.as_tensor(action_mask, dtype=torch.bool)
+    return mask_actions(policy(torch.eye(num_states)), mask).probs.double()
 
 
 def exact_objective(policy: nn.Module, mdp: TabularMDP, gamma: float = 1.0) -> torch.Tensor:
@@ -86,7 +99,7 @@ def exact_objective(policy: nn.Module, mdp: TabularMDP, gamma: float = 1.0) -> t
         J = Σ_t γ^t Σ_s d_t(s) Σ_a π(a|s) r(s, a),   d_{t+1}(s') = Σ_{s,a} d_t(s) π(a|s) P(s'|s,a) alive(s')
     """
     P, r, alive = mdp.tensors()
-    pi = policy_table(policy, len(alive))
+    pi = policy_table(policy, len(alive), mdp.action_mask)
     d = torch.zeros(len(alive), dtype=torch.float64)
     d[mdp.start_state] = 1.0
     J = torch.zeros((), dtype=torch.float64)
@@ -104,7 +117,7 @@ def exact_reward_to_go_surrogate(policy: nn.Module, mdp: TabularMDP, gamma: floa
     reward-to-go gradient, which differs from ∇ of the discounted J (no γ^t factor on step t).
     """
     P, r, alive = mdp.tensors()
-    pi = policy_table(policy, len(alive))
+    pi = policy_table(policy, len(alive), mdp.action_mask)
     frozen = pi.detach()
     # Backward: Q_t(s, a) = r(s, a) + γ Σ_s' P(s'|s,a) alive(s') V_{t+1}(s'),  V_t(s) = Σ_a π(a|s) Q_t(s, a).
     q = []
@@ -153,6 +166,31 @@ def chain(length: int = 4, horizon: int = 4, p_right: float = 0.7, reward_noise:
     terminal = np.zeros(length, dtype=bool)
     terminal[-1] = True
     return TabularMDP(transitions, rewards, terminal, horizon=horizon, reward_noise=reward_noise)
+
+
+def masked_chain(horizon: int = 4, reward_noise: float = 0.5) -> TabularMDP:
+    """A chain of 4 states (the last a terminal goal) with three actions, not all allowed everywhere.
+
+    Action 0 moves left and pays 1; action 1 moves right with probability 0.7 and pays 0.5 (3 more on reaching the
+    goal); action 2 jumps two states right with probability 0.5 (else stays) and pays 0.2. Not allowed: moving
+    left in state 0 and jumping in state 1, so the policy's choice is restricted differently in each state.
+    """
+    length, p_right, p_jump = 4, 0.7, 0.5
+    transitions = np.zeros((length, 3, length))
+    rewards = np.zeros((length, 3))
+    for s in range(length):
+        transitions[s, 0, max(s - 1, 0)] = 1.0
+        right, jump = min(s + 1, length - 1), min(s + 2, length - 1)
+        transitions[s, 1, right] += p_right
+        transitions[s, 1, s] += 1.0 - p_right
+        transitions[s, 2, jump] += p_jump
+        transitions[s, 2, s] += 1.0 - p_jump
+        rewards[s] = [1.0, 0.5 + 3.0 * p_right * (right == length - 1 != s), 0.2 + 3.0 * p_jump * (jump == length - 1 != s)]
+    terminal = np.zeros(length, dtype=bool)
+    terminal[-1] = True
+    allowed = np.ones((length, 3), dtype=bool)
+    allowed[0, 0] = allowed[1, 2] = False
+    return TabularMDP(transitions, rewards, terminal, horizon=horizon, reward_noise=reward_noise, action_mask=allowed)
 
 
 def random_length(horizon: int = 30, reward_noise: float = 0.5) -> TabularMDP:

@@ -215,6 +215,7 @@ def select_steps(
         # No episode runs on from before a one-step column.
         return_before=torch.zeros(k, dtype=batch.return_before.dtype, device=index.device),
         length_before=torch.zeros(k, dtype=batch.length_before.dtype, device=index.device),
+        action_mask=None if batch.action_mask is None else batch.action_mask[steps, envs].unsqueeze(0),
     )
     part = EstimatorOutput(
         weights=estimate.weights[steps, envs].unsqueeze(0),

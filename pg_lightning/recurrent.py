@@ -50,7 +50,7 @@ from torch.distributions import Distribution, Independent, Normal
 
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.envs import check_action_space, require_flat_observations
-from pg_lightning.distributions import DISCRETE_SPACES, logits_distribution, logits_size
+from pg_lightning.distributions import DISCRETE_SPACES, logits_distribution, logits_size, mask_actions
 from pg_lightning.policies import ACTIVATIONS, LOG_STD_MAX, LOG_STD_MIN, is_recurrent
 from pg_lightning.validation import positive_int, require
 
@@ -175,11 +175,12 @@ def recurrent_policy(
 
 def action_distribution(policy: nn.Module, batch: RolloutBatch) -> Distribution:
     """π(·|·) of every step of ``batch`` (batch shape ``[T, B]``): ``policy(obs)`` for a memoryless policy; a
-    recurrent one replays the batch's sequences from its stored first state with its episode starts."""
+    recurrent one replays the batch's sequences from its stored first state with its episode starts. Where the
+    env gave action masks, π restricted to the allowed actions, as the rollout sampled from it."""
     if not is_recurrent(policy):
-        return policy(batch.obs[:-1])
+        return mask_actions(policy(batch.obs[:-1]), batch.action_mask)
     _check_sequences(batch)
-    return policy(batch.obs[:-1], batch.policy_state, batch.first[:-1])
+    return mask_actions(policy(batch.obs[:-1], batch.policy_state, batch.first[:-1]), batch.action_mask)
 
 
 def value_inputs(policy: nn.Module, batch: RolloutBatch) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch.utils.data import IterableDataset
 from pg_lightning.episodes import EpisodeTracker
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.checkpoint import env_state, restore_env_state
+from pg_lightning.distributions import logits_size, mask_actions
 from pg_lightning.envs import check_action_space, to_env_action
 from pg_lightning.policies import is_recurrent
 from pg_lightning.validation import positive_int, require
@@ -97,6 +98,7 @@ class RolloutCollector:
         self._reset_next = np.zeros(num_envs, dtype=bool)
         self._first = np.ones(num_envs, dtype=bool)  # the current observation begins an episode
         self._policy_state: torch.Tensor | None = None  # a recurrent policy's state per env, [B, S]
+        self._action_mask: np.ndarray | None = None  # the actions the env allows now, [B, n] (its info's action_mask)
         self._initial_state: torch.Tensor | None = None  # its initial state, made once per batch, not per step
 
     def collect(self, policy: nn.Module, num_steps: int | None = None) -> RolloutBatch:
@@ -116,11 +118,11 @@ class RolloutCollector:
 
     def _collect_steps(self, policy: nn.Module, num_steps: int) -> RolloutBatch:
         """Exactly ``num_steps`` steps of every env, continuing the running episodes."""
-        storage = _Storage.for_collector(self, policy, capacity=num_steps)
         if self._obs is None:
-            self._obs, _ = self.envs.reset(seed=self.seed)
+            self._reset(seed=self.seed)
             self._first[:] = True
             self._policy_state = None
+        storage = _Storage.for_collector(self, policy, capacity=num_steps)
         state_before = self._start_state(policy)
         return_before = torch.as_tensor(self.episodes.discounted_return, dtype=torch.float32)
         length_before = torch.as_tensor(self.episodes.length.copy())
@@ -140,10 +142,10 @@ class RolloutCollector:
     def _collect_whole_episodes(self, policy: nn.Module, num_steps: int) -> RolloutBatch:
         """Whole episodes: env b's episodes that start before it has ``num_steps`` steps of them, each to its end."""
         num_envs = self.envs.num_envs
+        self._reset(seed=self.seed if self._first_reset else None)
+        self._first_reset = False
         # Room for T steps plus one typical episode; grown (doubled) if an env needs more.
         storage = _Storage.for_collector(self, policy, capacity=num_steps + num_steps // 4 + 16)
-        self._obs, _ = self.envs.reset(seed=self.seed if self._first_reset else None)
-        self._first_reset = False
         self._reset_next[:] = False
         self._first = np.ones(num_envs, dtype=bool)
         state_before = self._start_state(policy)
@@ -175,6 +177,29 @@ class RolloutCollector:
         zeros = torch.zeros(num_envs)
         return storage.batch(t, self._obs, self._first, taken, zeros, zeros.long(), state_before)
 
+    def _reset(self, seed: int | None) -> None:
+        self._obs, info = self.envs.reset(seed=seed)
+        self._action_mask = self._mask_from(info, masked="action_mask" in info)
+
+    def _mask_from(self, info: dict, masked: bool) -> np.ndarray | None:
+        """The ``[B, n]`` bool action mask in a vector env's ``info`` (None for an env without masks); one line
+        naming the env when the mask has the wrong width, goes missing, or allows no action."""
+        if not masked:
+            return None
+        where = f"environment {self.name} at env step {self.env_steps}"
+        if "action_mask" not in info or ("_action_mask" in info and not np.all(info["_action_mask"])):
+            raise ValueError(f"{where}: an env stopped giving info['action_mask'] (give it at every reset and step)")
+        mask = np.asarray(info["action_mask"], dtype=bool).reshape(self.envs.num_envs, -1)
+        width = logits_size(self.envs.single_action_space)
+        if mask.shape[1] != width:
+            raise ValueError(f"{where}: info['action_mask'] has {mask.shape[1]} entries per env, the action space "
+                             f"{self.envs.single_action_space} needs {width}")
+        components = np.split(mask, np.cumsum(self.envs.single_action_space.nvec)[:-1], axis=1) if isinstance(
+            self.envs.single_action_space, gym.spaces.MultiDiscrete) else [mask]
+        if not all(part.any(axis=1).all() for part in components):
+            raise ValueError(f"{where}: info['action_mask'] allows no action (every entry False) for some env")
+        return mask
+
     def _start_state(self, policy: nn.Module) -> torch.Tensor | None:
         """A recurrent policy's carried state before this batch's step 0 (its initial state at first); None
         for a memoryless policy."""
@@ -193,18 +218,23 @@ class RolloutCollector:
         obs_t[:] = self._obs  # float32, whatever the env's dtype (MuJoCo's is float64)
         storage.first[t] = self._first
         obs = torch.from_numpy(obs_t).to(storage.device)
+        mask = None
+        if storage.action_mask is not None:  # π restricted to the actions the env allows (distributions.py)
+            storage.action_mask[t] = self._action_mask
+            mask = torch.from_numpy(storage.action_mask[t]).to(storage.device)
         if self._policy_state is None:
-            dist = policy(obs)
+            dist = mask_actions(policy(obs), mask)
         else:  # the state is reset before an episode's first observation, as the replay in training does
             first = torch.from_numpy(storage.first[t]).to(storage.device).unsqueeze(-1)
             state = torch.where(first, self._initial_state, self._policy_state)
             dist, self._policy_state = policy.step(obs, state)
+            dist = mask_actions(dist, mask)
         action = dist.sample()
         step_logp = dist.log_prob(action)
         storage.logp_rows[t] = step_logp.numpy() if storage.on_host else step_logp  # stays on the policy's device
         storage.act[t] = action.cpu().numpy()  # the env needs the action on the host anyway
         try:
-            self._obs, reward, term, trunc, _ = self.envs.step(to_env_action(storage.act[t], storage.action_space))
+            self._obs, reward, term, trunc, info = self.envs.step(to_env_action(storage.act[t], storage.action_space))
         except Exception as error:
             # Whole-episode batches count their steps as they go (valid leaves out the waiting envs' steps).
             taken = storage.valid[:t].sum() if self._taken_in_batch is None else self._taken_in_batch.sum()
@@ -214,6 +244,8 @@ class RolloutCollector:
             ) from error
         # Raw env outputs; the masks of steps outside the batch's episodes are applied after the loop.
         storage.rew[t], storage.terminated[t], storage.truncated[t] = reward, term, trunc
+        if mask is not None:
+            self._action_mask = self._mask_from(info, masked=True)
 
     def state_dict(self) -> dict:
         """The envs' state, their current observations and running episodes, as tensors and numbers only.
@@ -226,6 +258,8 @@ class RolloutCollector:
         state = {"envs": envs, "env_steps": self.env_steps}
         if envs is not None:
             arrays = {"obs": self._obs, "reset_next": self._reset_next, "first": self._first}
+            if self._action_mask is not None:
+                arrays["action_mask"] = self._action_mask
             state.update({name: torch.from_numpy(np.array(value)) for name, value in arrays.items()})
             state.update(self.episodes.state_dict())
             if self._policy_state is not None:
@@ -244,6 +278,7 @@ class RolloutCollector:
         self._obs, self._reset_next = state["obs"].numpy(), state["reset_next"].numpy()
         if "first" in state:
             self._first = state["first"].numpy().copy()
+        self._action_mask = state["action_mask"].numpy().copy() if "action_mask" in state else None
         self._policy_state = state.get("policy_state")  # moved to the policy's device by the next collect
         self.episodes.load_state_dict(state)
         return True
@@ -259,7 +294,8 @@ class _Storage:
     (measured in ``benchmarks/README.md``). ``logp`` lives on the policy's device; everything the env needs or returns stays on the host.
     """
 
-    def __init__(self, capacity: int, envs: VectorEnv, device: torch.device, dtype: torch.dtype):
+    def __init__(self, capacity: int, envs: VectorEnv, device: torch.device, dtype: torch.dtype,
+                 mask_width: int | None = None):
         num_envs = envs.num_envs
         self.capacity = capacity
         self.device = device
@@ -274,17 +310,21 @@ class _Storage:
         self.truncated = np.zeros((capacity, num_envs), dtype=bool)
         self.valid = np.zeros((capacity, num_envs), dtype=bool)
         self.first = np.zeros((capacity + 1, num_envs), dtype=bool)
+        self.action_mask = None if mask_width is None else np.zeros((capacity, num_envs, mask_width), dtype=bool)
 
     @classmethod
     def for_collector(cls, collector: RolloutCollector, policy: nn.Module, capacity: int) -> _Storage:
         device, dtype = _device_and_dtype(policy)
-        return cls(capacity, collector.envs, device, dtype)
+        mask = collector._action_mask
+        return cls(capacity, collector.envs, device, dtype, None if mask is None else mask.shape[1])
 
     def grow(self) -> None:
         """Double the capacity, keeping the rows written so far."""
         old, self.capacity = self.capacity, 2 * self.capacity
-        for name in ("obs", "act", "rew", "terminated", "truncated", "valid", "first"):
+        for name in ("obs", "act", "rew", "terminated", "truncated", "valid", "first", "action_mask"):
             rows = getattr(self, name)
+            if rows is None:
+                continue
             extra = self.capacity + (name in ("obs", "first")) - rows.shape[0]
             setattr(self, name, np.concatenate([rows, np.zeros((extra, *rows.shape[1:]), dtype=rows.dtype)]))
         self.logp = torch.cat([self.logp, torch.empty((old, *self.logp.shape[1:]), dtype=self.logp.dtype, device=self.device)])
@@ -327,6 +367,7 @@ class _Storage:
             steps_taken=torch.as_tensor(np.asarray(steps_taken, dtype=np.int64)).to(device),
             first=torch.from_numpy(self.first[: length + 1]).to(device),
             policy_state=policy_state,
+            action_mask=None if self.action_mask is None else torch.from_numpy(self.action_mask[:length]).to(device),
         )
 
 

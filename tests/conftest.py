@@ -117,17 +117,34 @@ class PixelsEnv(CountingEnv):
 class CodeEnv(gym.Env):
     """A contextual bandit over composite actions: each of 16 steps shows a context c ∈ {0, 1, 2} (one-hot); each
     action component that equals the context's code ``CODES[c]`` earns 1 / K. Optimal return 16; uniform
-    actions earn 16 · mean_k(1 / n_k) (MultiDiscrete([3, 4]): 4.7, MultiBinary(4): 8)."""
+    actions earn 16 · mean_k(1 / n_k) (MultiDiscrete([3, 4]): 4.7, MultiBinary(4): 8).
+
+    ``masked=True`` (MultiDiscrete): each component allows its code and one other value, drawn at each step, given
+    as ``info["action_mask"]`` (the components' masks side by side); the env raises on a masked action.
+    """
 
     metadata: dict = {"render_modes": []}
     SPACES = {"multi_discrete": gym.spaces.MultiDiscrete([3, 4]), "multi_binary": gym.spaces.MultiBinary(4)}
     CODES = {"multi_discrete": [[0, 3], [2, 1], [1, 0]], "multi_binary": [[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 1]]}
 
-    def __init__(self, kind: str = "multi_discrete"):
+    def __init__(self, kind: str = "multi_discrete", masked: bool = False):
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(3,), dtype=np.float32)
         self.action_space = self.SPACES[kind]
         self.codes = np.array(self.CODES[kind])
         self.context, self.t = 0, 0
+        self.masked = masked
+        self.mask: list[np.ndarray] = []
+
+    def _info(self) -> dict:
+        if not self.masked:
+            return {}
+        self.mask = []
+        for code, n in zip(self.codes[self.context], self.action_space.nvec):
+            allowed = np.zeros(n, dtype=bool)
+            allowed[code] = True
+            allowed[self.np_random.choice([v for v in range(n) if v != code])] = True
+            self.mask.append(allowed)
+        return {"action_mask": np.concatenate(self.mask)}
 
     def _obs(self) -> np.ndarray:
         return np.eye(3, dtype=np.float32)[self.context]
@@ -135,14 +152,16 @@ class CodeEnv(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.context, self.t = int(self.np_random.integers(3)), 0
-        return self._obs(), {}
+        return self._obs(), self._info()
 
     def step(self, action):
         assert self.action_space.contains(np.asarray(action, dtype=self.action_space.dtype)), action
+        if self.masked and not all(allowed[a] for allowed, a in zip(self.mask, np.asarray(action))):
+            raise ValueError(f"masked action {action} (allowed: {self.mask})")
         reward = float(np.mean(np.asarray(action) == self.codes[self.context]))
         self.t += 1
         self.context = int(self.np_random.integers(3))
-        return self._obs(), reward, self.t >= 16, False, {}
+        return self._obs(), reward, self.t >= 16, False, self._info()
 
 
 gym.register("PgTest/Faulty-v0", entry_point=FaultyEnv, max_episode_steps=100)
@@ -151,3 +170,22 @@ gym.register("PgTest/Pixels-v0", entry_point=PixelsEnv)
 for _kind, _name in (("multi_discrete", "MultiDiscrete"), ("multi_binary", "MultiBinary")):
     gym.register(f"PgTest/{_name}Code-v0", entry_point=CodeEnv, kwargs={"kind": _kind}, max_episode_steps=16,
                  reward_threshold=15.0)
+class DictCodeEnv(CodeEnv):
+    """``CodeEnv`` (MultiDiscrete) whose observation is a Dict: the context as a ``Discrete(3)``, the time as a Box,
+    and a text note that no policy reads (MiniGrid's mission is such a key)."""
+
+    def __init__(self):
+        super().__init__("multi_discrete")
+        self.observation_space = gym.spaces.Dict({
+            "context": gym.spaces.Discrete(3),
+            "clock": gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32),
+            "note": gym.spaces.Text(max_length=8),
+        })
+
+    def _obs(self):
+        return {"context": self.context, "clock": np.array([self.t / 16], dtype=np.float32), "note": "match"}
+
+
+gym.register("PgTest/DictCode-v0", entry_point=DictCodeEnv, max_episode_steps=16, reward_threshold=15.0)
+gym.register("PgTest/MaskedCode-v0", entry_point=CodeEnv, kwargs={"kind": "multi_discrete", "masked": True},
+             max_episode_steps=16, reward_threshold=15.0)
