@@ -5,8 +5,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -36,6 +37,10 @@ class VectorEnvFactory:
         imports: modules to import before the id is looked up: the ones whose import registers your envs
             (``gymnasium.register``). They are imported again wherever envs are made (every DDP rank).
 
+        wrappers: gymnasium wrappers put around each env copy, innermost first, each ``{"name": import path,
+            "kwargs": {...}}``, e.g. ``gymnasium.wrappers.FilterObservation`` with ``filter_keys`` and then
+            ``gymnasium.wrappers.FlattenObservation``, which turn a Dict observation into the flat Box the shipped
+            policies read. With wrappers the env is made per copy (no native vector implementation).
         backend: ``sync``: the env's native vectorised implementation where it has one (CartPole-v1 does),
             else gymnasium's synchronous vector env (one env after another, in this process); ``async``:
             gymnasium's ``AsyncVectorEnv``, each env in its own subprocess. Both reset at the next step
@@ -50,6 +55,7 @@ class VectorEnvFactory:
     kwargs: dict[str, Any] = field(default_factory=dict)
     imports: Sequence[str] = ()
     backend: str = "sync"
+    wrappers: Sequence[dict[str, Any]] = ()
 
     def __post_init__(self) -> None:
         require("env.num_envs", self.num_envs, positive_int, "a positive integer")
@@ -70,6 +76,8 @@ class VectorEnvFactory:
             require("env.reward_threshold", self.reward_threshold, finite_number, "a number or null")
         if self.max_episode_steps is not None:
             require("env.max_episode_steps", self.max_episode_steps, positive_int, "a positive integer or null")
+        self.wrappers = [_plain(wrapper) for wrapper in self.wrappers]
+        self._wrapper_classes = [_wrapper_class(i, wrapper) for i, wrapper in enumerate(self.wrappers)]
 
     def import_modules(self) -> None:
         """Import ``imports`` (registering their envs); one line naming the module if one cannot be imported."""
@@ -109,6 +117,11 @@ class VectorEnvFactory:
         """gymnasium's vector env of the id, before our observation selection."""
         self.import_modules()  # a fresh process (a spawned DDP rank) has not registered the user's envs yet
         spec = gym.spec(self.id)
+        if self.wrappers:  # wrappers go around each copy: gymnasium's sync or async vector env
+            wrappers = [partial(cls, **dict(w.get("kwargs") or {})) for cls, w in zip(self._wrapper_classes, self.wrappers)]
+            mode = "async" if self.backend == "async" else "sync"
+            return gym.make_vec(self.id, num_envs=num_envs, vectorization_mode=mode, wrappers=wrappers,
+                                **self._make_kwargs())
         mode = "async" if self.backend == "async" else "vector_entry_point" if spec.vector_entry_point else "sync"
         return gym.make_vec(self.id, num_envs=num_envs, vectorization_mode=mode, **self._make_kwargs())
 
@@ -132,6 +145,31 @@ class VectorEnvFactory:
             return envs.single_observation_space, envs.single_action_space
         finally:
             envs.close()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every mapping a dict and every list a list (Hydra hands over DictConfig and ListConfig)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _wrapper_class(position: int, wrapper: dict[str, Any]) -> type:
+    """The wrapper class ``wrapper["name"]`` names (an import path); one line naming ``env.wrappers[i]`` if not."""
+    key = f"env.wrappers[{position}]"
+    unknown = set(wrapper) - {"name", "kwargs"}
+    if "name" not in wrapper or unknown:
+        raise ValueError(f"{key} must be {{name: <import path>, kwargs: {{...}}}}, got {wrapper}")
+    module_name, _, attribute = str(wrapper["name"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{key}.name {wrapper['name']!r} cannot be imported ({type(error).__name__}: {error})") from None
+    if not (isinstance(cls, type) and issubclass(cls, gym.Wrapper)):
+        raise ValueError(f"{key}.name {wrapper['name']!r} is not a gymnasium.Wrapper")
+    return cls
 
 
 def _select_observations(envs: VectorEnv, indices: list[int]) -> VectorEnv:
@@ -173,8 +211,8 @@ def require_flat_observations(space: gym.Space, policies: str) -> None:
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 3:
         hint = "images need a CNN encoder, not shipped yet: pass your own policy"
     elif isinstance(space, (gym.spaces.Dict, gym.spaces.Tuple, gym.spaces.Discrete, gym.spaces.Box)):
-        hint = ("flatten it with gymnasium.wrappers.FlattenObservation where the env is made (env.imports can "
-                "register a wrapped env), or pass your own policy")
+        hint = ("flatten it with gymnasium's wrappers: env.wrappers=[{name: gymnasium.wrappers.FlattenObservation}] "
+                "(first gymnasium.wrappers.FilterObservation to drop keys it cannot flatten, such as text)")
     else:
         hint = "pass your own policy"
     raise UnsupportedSpace(f"observation space {space} is not supported by the {policies}: they need a flat Box; {hint}")

@@ -84,7 +84,7 @@ class CategoricalMLP(nn.Module):
         orthogonal_init: bool = False,
     ):
         super().__init__()
-        self.action_space = gym.spaces.Discrete(num_actions) if isinstance(num_actions, int) else num_actions
+        self.action_space = num_actions if isinstance(num_actions, gym.Space) else gym.spaces.Discrete(int(num_actions))
         self.logits = mlp(obs_dim, hidden_sizes, logits_size(self.action_space), activation,
                           orthogonal_init=orthogonal_init)
 

@@ -3,6 +3,8 @@ from the distribution through the rollout to training with every update kind; Di
 
 from __future__ import annotations
 
+import importlib.util
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ from pg_lightning.distributions import BernoulliVector, MultiCategorical, logits
 from pg_lightning.policies import mlp_policy
 from pg_lightning.recurrent import action_distribution, recurrent_policy
 from pg_lightning.rollout import RolloutCollector
-from pg_lightning.run import train
+from pg_lightning.envs import VectorEnvFactory
+from pg_lightning.run import ConfigError, train
 
 NVEC = np.array([3, 5, 2])
 
@@ -143,3 +146,56 @@ def test_logits_distribution_picks_the_distribution_of_the_space():
     assert isinstance(logits_distribution(gym.spaces.Discrete(4), logits), Categorical)
     assert isinstance(logits_distribution(gym.spaces.MultiDiscrete([2, 2]), logits), MultiCategorical)
     assert isinstance(logits_distribution(gym.spaces.MultiBinary(4), logits), BernoulliVector)
+
+
+# --- Dict observations through gymnasium's wrappers ------------------------------------------------------------
+
+FLATTEN_DICT = ("env.wrappers=[{name: gymnasium.wrappers.FilterObservation, kwargs: {filter_keys: [context, clock]}},"
+                "{name: gymnasium.wrappers.FlattenObservation}]")
+
+
+def test_a_dict_observation_without_wrappers_is_refused_naming_the_env_and_the_fix(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        train(compose_with("logger=none", "env.id=PgTest/DictCode-v0"), tmp_path)
+    message = str(info.value)
+    assert message.startswith("env.id='PgTest/DictCode-v0': observation space Dict(") and "\n" not in message
+    assert "env.wrappers=[{name: gymnasium.wrappers.FlattenObservation}]" in message
+
+
+def test_env_wrappers_flatten_a_dict_observation_into_the_flat_box_the_policies_read():
+    factory = VectorEnvFactory("PgTest/DictCode-v0", num_envs=2, wrappers=[
+        {"name": "gymnasium.wrappers.FilterObservation", "kwargs": {"filter_keys": ["context", "clock"]}},
+        {"name": "gymnasium.wrappers.FlattenObservation"},
+    ])
+    observation_space, _ = factory.spaces()
+    assert observation_space.shape == (4,), "the clock (1) and the context one-hot (3), in gymnasium's key order"
+    obs, _ = factory.make().reset(seed=0)
+    assert obs.shape == (2, 4) and set(np.unique(obs[:, 1:])) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "message"),
+    [({"name": "gymnasium.wrappers.NoSuchWrapper"}, "env.wrappers[0].name 'gymnasium.wrappers.NoSuchWrapper' cannot be imported"),
+     ({"name": "numpy.ndarray"}, "env.wrappers[0].name 'numpy.ndarray' is not a gymnasium.Wrapper"),
+     ({"class": "x"}, "env.wrappers[0] must be {name: <import path>, kwargs: {...}}, got {'class': 'x'}")],
+)
+def test_a_bad_wrapper_is_refused_in_one_line(wrapper, message):
+    with pytest.raises(ValueError) as info:
+        VectorEnvFactory("PgTest/DictCode-v0", wrappers=[wrapper])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_dict_observation_env_trains_through_its_wrappers(tmp_path):
+    """The context reaches the policy only through the flattened Dict: a return of 12 needs it (see above)."""
+    summary = train(compose_with("logger=none", "stop_on_solve=false", "env.id=PgTest/DictCode-v0", FLATTEN_DICT,
+                                 "env.num_envs=4", "steps_per_env=64", "total_env_steps=12000", "eval.num_episodes=8",
+                                 "estimator=gae", "off_policy=clipped"), tmp_path)
+    assert summary["eval_return_mean"] >= 12.0, summary["eval_return_mean"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("minigrid") is None, reason='needs the envs extra: pip install -e ".[envs]"')
+def test_the_minigrid_config_makes_a_flat_observation_and_runs(tmp_path):
+    summary = train(compose_with("logger=none", "+experiment=ppo", "env=minigrid_doorkey", "env.num_envs=8",
+                                 "total_env_steps=1024", "eval.num_episodes=2", "stop_on_solve=false"), tmp_path)
+    assert summary["status"] == "finished" and summary["env_id"] == "MiniGrid-DoorKey-5x5-v0"
