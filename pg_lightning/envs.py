@@ -147,6 +147,37 @@ class VectorEnvFactory:
             envs.close()
 
 
+class ActionMaskToInfo(gym.ObservationWrapper):
+    """For envs that put their action mask in a Dict observation (PettingZoo-style ``{"observation": ...,
+    "action_mask": ...}``): moves ``obs["action_mask"]`` into ``info["action_mask"]``, where the collector and the
+    evaluation read masks, and leaves the other keys as the observation. List it first in ``env.wrappers``:
+    ``[{name: pg_lightning.envs.ActionMaskToInfo}, {name: gymnasium.wrappers.FlattenObservation}]``."""
+
+    def __init__(self, env: gym.Env, key: str = "action_mask"):
+        super().__init__(env)
+        space = env.observation_space
+        if not isinstance(space, gym.spaces.Dict) or key not in space.spaces:
+            raise ValueError(f"ActionMaskToInfo needs a Dict observation with a {key!r} key, got {space}")
+        self.key = key
+        self.observation_space = gym.spaces.Dict({k: v for k, v in space.spaces.items() if k != key})
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        return self._split(obs, info)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        obs, info = self._split(obs, info)
+        return obs, reward, terminated, truncated, info
+
+    def _split(self, obs: dict, info: dict) -> tuple[dict, dict]:
+        rest = {k: v for k, v in obs.items() if k != self.key}
+        return rest, {**info, "action_mask": np.asarray(obs[self.key], dtype=bool)}
+
+    def observation(self, observation: dict) -> dict:
+        return {k: v for k, v in observation.items() if k != self.key}
+
+
 def _plain(value: Any) -> Any:
     """``value`` with every mapping a dict and every list a list (Hydra hands over DictConfig and ListConfig)."""
     if isinstance(value, Mapping):
@@ -209,7 +240,8 @@ def require_flat_observations(space: gym.Space, policies: str) -> None:
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
         return
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 3:
-        hint = "images need a CNN encoder, not shipped yet: pass your own policy"
+        hint = ("an image is read by the CNN when its channels (at most 4) come first or last; wrap the env to "
+                "reshape it, or pass your own policy")
     elif isinstance(space, (gym.spaces.Dict, gym.spaces.Tuple, gym.spaces.Discrete, gym.spaces.Box)):
         hint = ("flatten it with gymnasium's wrappers: env.wrappers=[{name: gymnasium.wrappers.FlattenObservation}] "
                 "(first gymnasium.wrappers.FilterObservation to drop keys it cannot flatten, such as text)")

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.diagnostics import gradient_statistics, sub_batch_gradients
+from pg_lightning.encoders import is_image_space
 from pg_lightning.envs import UnsupportedSpace, VectorEnvFactory, check_action_space
 from pg_lightning.distributed import LOCAL, reduction_for
 from pg_lightning.estimators import Estimator, EstimatorOutput
@@ -173,6 +174,11 @@ class PolicyGradientModule(LightningModule):
             if self.estimator.value is not None else None
         )
         if normalize_observations:
+            if is_image_space(observation_space):
+                raise ValueError(
+                    f"normalize_observations=true with the image observations of env.id={self.env.id!r}: the CNN "
+                    "scales pixels by 1/255 itself; set normalize_observations=false"
+                )
             policy = NormalizedObservations(policy, observation_space.shape)
             if value_fn is not None and not is_recurrent(policy):  # a recurrent policy's V_φ reads its features
                 value_fn = NormalizedObservations(value_fn, observation_space.shape)

@@ -25,7 +25,8 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal, TransformedDistribution
 from torch.distributions.transforms import AffineTransform, TanhTransform
 
-from pg_lightning.envs import check_action_space, require_flat_observations
+from pg_lightning.encoders import image_encoder, is_image_space
+from pg_lightning.envs import UnsupportedSpace, check_action_space, require_flat_observations
 from pg_lightning.distributions import DISCRETE_SPACES, logits_distribution, logits_size
 from pg_lightning.validation import boolean, require
 
@@ -167,6 +168,41 @@ class GaussianMLP(nn.Module):
         return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
 
 
+class EncodedPolicy(nn.Module):
+    """``head(encoder(obs))``: an encoder (a CNN for images, ``encoders.py``) in front of an MLP policy on its
+    features. Shapes: ``obs [..., *observation_shape] -> Distribution`` with ``batch_shape [...]``."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, obs: torch.Tensor) -> Distribution:
+        return self.head(self.encoder(obs))
+
+
+def cnn_policy(
+    observation_space: gym.Space,
+    action_space: gym.Space,
+    hidden_sizes: Sequence[int] = (),
+    trunk: str | None = None,
+    activation: str = "tanh",
+    log_std_init: float = -0.5,
+    orthogonal_init: bool = False,
+    squash: bool = False,
+) -> nn.Module:
+    """A CNN on image observations (``encoders.image_encoder``; ``trunk`` ``nature``, ``grid`` or None: by the
+    image's size), then the MLP head ``mlp_policy`` makes for the action space, with ``hidden_sizes`` ([]: linear,
+    as CleanRL's Atari PPO) (``policy=cnn``)."""
+    if not is_image_space(observation_space):
+        raise UnsupportedSpace(f"observation space {observation_space} is not an image: policy=cnn needs a Box of "
+                               "(H, W), (H, W, C) or (C, H, W) with C <= 4; use policy=mlp")
+    encoder = image_encoder(observation_space, trunk)
+    features = gym.spaces.Box(-np.inf, np.inf, shape=(encoder.out_features,), dtype=np.float32)
+    head = mlp_policy(features, action_space, hidden_sizes, activation, log_std_init, orthogonal_init, squash)
+    return EncodedPolicy(encoder, head)
+
+
 def mlp_policy(
     observation_space: gym.Space,
     action_space: gym.Space,
@@ -177,11 +213,15 @@ def mlp_policy(
     squash: bool = False,
 ) -> nn.Module:
     """The shipped MLP policy that fits the spaces: categorical for ``Discrete`` (and ``MultiDiscrete``,
-    ``MultiBinary``: ``CategoricalMLP``), Gaussian for ``Box``.
+    ``MultiBinary``: ``CategoricalMLP``), Gaussian for ``Box``; for image observations the same head after a CNN
+    (``cnn_policy``, the trunk picked by the image's size).
     ``orthogonal_init``: hidden layers orthogonal with gain √2 (the policy head always has gain 0.01).
     ``squash``: ``Box`` only: tanh-squash the Gaussian into the action bounds (which must be finite) instead
     of clipping its samples when they are sent to the env."""
     require("policy.squash", squash, boolean, "true or false")
+    if is_image_space(observation_space):
+        return cnn_policy(observation_space, action_space, hidden_sizes, None, activation, log_std_init,
+                          orthogonal_init, squash)
     require_flat_observations(observation_space, "MLP policies")
     check_action_space(action_space)
     obs_dim = int(np.prod(observation_space.shape))

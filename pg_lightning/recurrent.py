@@ -49,6 +49,7 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 
 from pg_lightning.batch import RolloutBatch
+from pg_lightning.encoders import image_encoder, is_image_space
 from pg_lightning.envs import check_action_space, require_flat_observations
 from pg_lightning.distributions import DISCRETE_SPACES, logits_distribution, logits_size, mask_actions
 from pg_lightning.policies import ACTIVATIONS, LOG_STD_MAX, LOG_STD_MIN, is_recurrent
@@ -81,16 +82,20 @@ class RecurrentPolicy(nn.Module):
         activation: str = "tanh",
         log_std_init: float = -0.5,
         orthogonal_init: bool = False,
+        encoder: nn.Module | None = None,
     ):
         require("policy.cell", cell, lambda value: value in CELLS, "gru or lstm")
         require("policy.hidden_size", hidden_size, positive_int, "a positive integer")
         super().__init__()
-        layers: list[nn.Module] = []
-        width = obs_dim
-        for size in encoder_sizes:
-            layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
-            width = size
-        self.encoder = nn.Sequential(*layers)
+        if encoder is not None:  # e.g. a CNN (encoders.py) with ``out_features``
+            self.encoder, width = encoder, int(encoder.out_features)
+        else:
+            layers: list[nn.Module] = []
+            width = obs_dim
+            for size in encoder_sizes:
+                layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
+                width = size
+            self.encoder = nn.Sequential(*layers)
         self.cell_type = cell
         self.cell = nn.GRUCell(width, hidden_size) if cell == "gru" else nn.LSTMCell(width, hidden_size)
         self.hidden_size = hidden_size
@@ -102,7 +107,7 @@ class RecurrentPolicy(nn.Module):
         self.head = nn.Linear(hidden_size, out)
         if not self.discrete:
             self.log_std = nn.Parameter(torch.full((out,), float(log_std_init)))
-        if orthogonal_init:  # PPO's detail: hidden layers gain √2, the head 0.01
+        if orthogonal_init and encoder is None:  # PPO's detail: hidden layers gain √2, the head 0.01
             for layer in self.encoder:
                 if isinstance(layer, nn.Linear):
                     nn.init.orthogonal_(layer.weight, gain=np.sqrt(2))
@@ -165,10 +170,14 @@ def recurrent_policy(
     log_std_init: float = -0.5,
     orthogonal_init: bool = False,
 ) -> RecurrentPolicy:
-    """The shipped recurrent policy for a flat Box observation space and Discrete or 1-D Box actions
-    (``policy=gru``, ``policy=lstm``)."""
-    require_flat_observations(observation_space, "recurrent policies")
+    """The shipped recurrent policy (``policy=gru``, ``policy=lstm``): an MLP encoder for a flat Box observation
+    space, a CNN (``encoders.image_encoder``) for images; the heads of ``distributions.py`` or a Gaussian."""
     check_action_space(action_space)
+    if is_image_space(observation_space):
+        encoder = image_encoder(observation_space)
+        return RecurrentPolicy(encoder.out_features, action_space, cell, hidden_size, (), activation, log_std_init,
+                               orthogonal_init, encoder=encoder)
+    require_flat_observations(observation_space, "recurrent policies")
     return RecurrentPolicy(int(observation_space.shape[0]), action_space, cell, hidden_size, list(encoder_sizes),
                            activation, log_std_init, orthogonal_init)
 

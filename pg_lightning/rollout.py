@@ -22,6 +22,7 @@ from pg_lightning.episodes import EpisodeTracker
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.checkpoint import env_state, restore_env_state
 from pg_lightning.distributions import logits_size, mask_actions
+from pg_lightning.encoders import is_image_space
 from pg_lightning.envs import check_action_space, to_env_action
 from pg_lightning.policies import is_recurrent
 from pg_lightning.validation import positive_int, require
@@ -215,7 +216,7 @@ class RolloutCollector:
     def _policy_step(self, policy: nn.Module, storage: _Storage, t: int) -> None:
         """Row ``t``: the observation, an action sampled from ``policy``, its log-prob, and the env's answer."""
         obs_t = storage.obs[t]
-        obs_t[:] = self._obs  # float32, whatever the env's dtype (MuJoCo's is float64)
+        obs_t[:] = self._obs  # the storage dtype: float32 (MuJoCo gives float64), uint8 for images
         storage.first[t] = self._first
         obs = torch.from_numpy(obs_t).to(storage.device)
         mask = None
@@ -301,7 +302,8 @@ class _Storage:
         self.device = device
         self.on_host = device.type == "cpu"
         self.action_space = envs.single_action_space
-        self.obs = np.empty((capacity + 1, num_envs, *envs.single_observation_space.shape), dtype=np.float32)
+        self.obs = np.empty((capacity + 1, num_envs, *envs.single_observation_space.shape),
+                            dtype=_observation_dtype(envs.single_observation_space))
         self.act = np.empty((capacity, num_envs, *self.action_space.shape), dtype=_sample_dtype(self.action_space, dtype))
         self.logp = torch.empty((capacity, num_envs), dtype=dtype, device=device)
         self._view_logp_rows()
@@ -389,6 +391,14 @@ def _device_and_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where the module's parameters live and their dtype (CPU and the default dtype if it has none)."""
     param = next(module.parameters(), None)
     return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.get_default_dtype())
+
+
+def _observation_dtype(space: gym.Space) -> np.dtype:
+    """How the batch stores observations: images of uint8 pixels as uint8 (a quarter of float32's memory; the CNN
+    converts them on the policy's device), everything else as float32 (MuJoCo's float64 included)."""
+    if is_image_space(space) and space.dtype == np.uint8:
+        return np.dtype(np.uint8)
+    return np.dtype(np.float32)
 
 
 def _sample_dtype(action_space: gym.Space, dtype: torch.dtype) -> np.dtype:

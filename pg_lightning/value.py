@@ -14,7 +14,8 @@ import gymnasium as gym
 import torch
 from torch import nn
 
-from pg_lightning.policies import mlp
+from pg_lightning.encoders import image_encoder, is_image_space
+from pg_lightning.policies import is_recurrent, mlp
 from pg_lightning.recurrent import value_input_size
 from pg_lightning.validation import positive_int, positive_number, require
 
@@ -64,21 +65,29 @@ class ValueFunctionConfig:
 
 
 class ValueFunction(nn.Module):
-    """V_φ: ``inputs [..., input_dim] -> [...]``, an MLP with a scalar output. Its inputs are the observations, or
-    with a recurrent policy that policy's features h_t (``recurrent.value_inputs``)."""
+    """V_φ: ``inputs [..., input_dim] -> [...]``, an MLP with a scalar output, after ``encoder`` if one is given (a
+    CNN of its own for image observations). Its inputs are the observations, or with a recurrent policy that
+    policy's features (``recurrent.value_inputs``)."""
 
-    def __init__(self, input_dim: int, config: ValueFunctionConfig = ValueFunctionConfig()):
+    def __init__(self, input_dim: int, config: ValueFunctionConfig = ValueFunctionConfig(),
+                 encoder: nn.Module | None = None):
         super().__init__()
-        self.net = mlp(input_dim, list(config.hidden_sizes), 1, config.activation, last_gain=1.0,
+        self.encoder = encoder if encoder is not None else nn.Identity()
+        width = int(encoder.out_features) if encoder is not None else input_dim
+        self.net = mlp(width, list(config.hidden_sizes), 1, config.activation, last_gain=1.0,
                        orthogonal_init=config.orthogonal_init)
 
     @classmethod
     def for_policy(cls, policy: nn.Module, observation_space: gym.Space, config: ValueFunctionConfig) -> ValueFunction:
-        """V_φ for the inputs ``recurrent.value_inputs(policy, batch)`` gives."""
+        """V_φ for the inputs ``recurrent.value_inputs(policy, batch)`` gives: a CNN of its own when they are
+        images (a memoryless policy's image observations)."""
+        if not is_recurrent(policy) and is_image_space(observation_space):
+            encoder = image_encoder(observation_space)
+            return cls(encoder.out_features, config, encoder)
         return cls(value_input_size(policy, observation_space), config)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.net(inputs).squeeze(-1)
+        return self.net(self.encoder(inputs)).squeeze(-1)
 
 
 def value_optimizer(value_fn: nn.Module, config: ValueFunctionConfig) -> torch.optim.Optimizer:

@@ -106,12 +106,38 @@ class TupleActionEnv(CountingEnv):
         self.action_space = gym.spaces.Tuple((gym.spaces.Discrete(2), gym.spaces.Discrete(2)))
 
 
-class PixelsEnv(CountingEnv):
-    """Image observations (uint8, height x width x channels), which the MLP policies do not read."""
+class OddShapeEnv(CountingEnv):
+    """A 3-D Box that is no image (16 channels first and last): nothing here reads it."""
 
     def __init__(self):
         super().__init__()
-        self.observation_space = gym.spaces.Box(0, 255, shape=(8, 8, 3), dtype=np.uint8)
+        self.observation_space = gym.spaces.Box(0, 255, shape=(16, 8, 16), dtype=np.uint8)
+
+
+class PixelsEnv(gym.Env):
+    """Pixels that show a context: an 8 x 8 x 3 uint8 image, blank but for a bright 2 x 8 band in row block c and
+    colour channel c of the context c ∈ {0, 1, 2}, drawn at every step; action c pays 1. 16 steps: uniform actions
+    earn 5.3, a policy that reads the image 16."""
+
+    metadata: dict = {"render_modes": []}
+    observation_space = gym.spaces.Box(0, 255, shape=(8, 8, 3), dtype=np.uint8)
+    action_space = gym.spaces.Discrete(3)
+
+    def _obs(self) -> np.ndarray:
+        image = np.zeros((8, 8, 3), dtype=np.uint8)
+        image[2 * self.context : 2 * self.context + 2, :, self.context] = 255
+        return image
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.context, self.t = int(self.np_random.integers(3)), 0
+        return self._obs(), {}
+
+    def step(self, action):
+        reward = float(int(action) == self.context)
+        self.t += 1
+        self.context = int(self.np_random.integers(3))
+        return self._obs(), reward, self.t >= 16, False, {}
 
 
 class CodeEnv(gym.Env):
@@ -166,7 +192,8 @@ class CodeEnv(gym.Env):
 
 gym.register("PgTest/Faulty-v0", entry_point=FaultyEnv, max_episode_steps=100)
 gym.register("PgTest/TupleAction-v0", entry_point=TupleActionEnv)
-gym.register("PgTest/Pixels-v0", entry_point=PixelsEnv)
+gym.register("PgTest/Pixels-v0", entry_point=PixelsEnv, max_episode_steps=16, reward_threshold=15.0)
+gym.register("PgTest/OddShape-v0", entry_point=OddShapeEnv)
 for _kind, _name in (("multi_discrete", "MultiDiscrete"), ("multi_binary", "MultiBinary")):
     gym.register(f"PgTest/{_name}Code-v0", entry_point=CodeEnv, kwargs={"kind": _kind}, max_episode_steps=16,
                  reward_threshold=15.0)
@@ -186,6 +213,27 @@ class DictCodeEnv(CodeEnv):
         return {"context": self.context, "clock": np.array([self.t / 16], dtype=np.float32), "note": "match"}
 
 
+class MaskInObservationEnv(CodeEnv):
+    """``CodeEnv`` with masks (MultiDiscrete) whose mask comes in a Dict observation, not in the info:
+    ``{"observation": one-hot context, "action_mask": [7] bool}``."""
+
+    def __init__(self):
+        super().__init__("multi_discrete", masked=True)
+        self.observation_space = gym.spaces.Dict({
+            "observation": gym.spaces.Box(0.0, 1.0, shape=(3,), dtype=np.float32),
+            "action_mask": gym.spaces.MultiBinary(7),
+        })
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed)
+        return {"observation": obs, "action_mask": info.pop("action_mask").astype(np.int8)}, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return {"observation": obs, "action_mask": info.pop("action_mask").astype(np.int8)}, reward, terminated, truncated, info
+
+
+gym.register("PgTest/MaskInObservation-v0", entry_point=MaskInObservationEnv, max_episode_steps=16)
 gym.register("PgTest/DictCode-v0", entry_point=DictCodeEnv, max_episode_steps=16, reward_threshold=15.0)
 gym.register("PgTest/MaskedCode-v0", entry_point=CodeEnv, kwargs={"kind": "multi_discrete", "masked": True},
              max_episode_steps=16, reward_threshold=15.0)

@@ -177,3 +177,18 @@ def test_a_mask_that_allows_nothing_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"at env step 0: info\['action_mask'\] allows no action") as info:
         RolloutCollector(envs, steps_per_env=4, seed=0, name="NothingAllowed").collect(policy)
     assert "\n" not in str(info.value)
+
+
+def test_a_mask_in_a_dict_observation_is_moved_to_the_info_by_a_wrapper():
+    """PettingZoo-style envs carry the mask in the observation: ``ActionMaskToInfo`` (first in env.wrappers) moves it
+    to the info, and the rest is flattened; the env raises on a masked action, so collecting shows none was taken."""
+    from pg_lightning.envs import VectorEnvFactory
+
+    factory = VectorEnvFactory("PgTest/MaskInObservation-v0", num_envs=3, wrappers=[
+        {"name": "pg_lightning.envs.ActionMaskToInfo"}, {"name": "gymnasium.wrappers.FlattenObservation"}])
+    envs = factory.make()
+    assert envs.single_observation_space.shape == (3,), "the mask is not part of what the policy reads"
+    policy = mlp_policy(envs.single_observation_space, envs.single_action_space)
+    batch = RolloutCollector(envs, steps_per_env=40, seed=0).collect(policy)
+    assert batch.action_mask is not None and batch.action_mask.shape == (40, 3, 7)
+    torch.testing.assert_close(action_distribution(policy, batch).log_prob(batch.act), batch.logp_behavior)

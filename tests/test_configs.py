@@ -67,11 +67,12 @@ def test_every_env_config_instantiates_and_builds_envs(name):
 @pytest.mark.parametrize("name", options("policy"))
 def test_every_policy_config_instantiates(name):
     cfg = compose_with(f"policy={name}")
-    policy = instantiate(cfg.policy)(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))
+    space = gym.spaces.Box(0, 255, (8, 8, 3), np.uint8) if name == "cnn" else gym.spaces.Box(-1, 1, (4,))
+    policy = instantiate(cfg.policy)(space, gym.spaces.Discrete(2))
     if is_recurrent(policy):  # one step of 3 envs from the initial state
-        dist, _ = policy.step(torch.zeros(3, 4), policy.initial_state(3))
+        dist, _ = policy.step(torch.zeros(3, *space.shape), policy.initial_state(3))
     else:
-        dist = policy(torch.zeros(3, 4))
+        dist = policy(torch.zeros(3, *space.shape))
     assert dist.sample().shape == (3,)
 
 

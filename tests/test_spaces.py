@@ -199,3 +199,57 @@ def test_the_minigrid_config_makes_a_flat_observation_and_runs(tmp_path):
     summary = train(compose_with("logger=none", "+experiment=ppo", "env=minigrid_doorkey", "env.num_envs=8",
                                  "total_env_steps=1024", "eval.num_episodes=2", "stop_on_solve=false"), tmp_path)
     assert summary["status"] == "finished" and summary["env_id"] == "MiniGrid-DoorKey-5x5-v0"
+
+
+# --- Pixels: a CNN on uint8 images ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_kind", ["mlp", "gru"])
+def test_images_are_stored_as_uint8_and_the_cnn_reads_them(policy_kind):
+    envs = gym.make_vec("PgTest/Pixels-v0", num_envs=3)
+    space = envs.single_observation_space
+    torch.manual_seed(0)
+    policy = (mlp_policy(space, envs.single_action_space) if policy_kind == "mlp"
+              else recurrent_policy(space, envs.single_action_space, hidden_size=8))
+    batch = RolloutCollector(envs, steps_per_env=20, seed=0).collect(policy)
+    assert batch.obs.dtype == torch.uint8 and batch.obs.shape == (21, 3, 8, 8, 3)
+    assert batch.obs.element_size() * batch.obs.numel() == 21 * 3 * 8 * 8 * 3, "one byte per pixel"
+    replayed = action_distribution(policy, batch).log_prob(batch.act)
+    torch.testing.assert_close(replayed, batch.logp_behavior, rtol=1e-5, atol=1e-5)
+    # The same pixels as floats (evaluation's tensors) give the same distribution.
+    first = policy(batch.obs[0].float()) if policy_kind == "mlp" else policy.step(batch.obs[0].float(), policy.initial_state(3))[0]
+    torch.testing.assert_close(first.log_prob(batch.act[0]), batch.logp_behavior[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_cnn_trunk_is_picked_by_the_image_size():
+    from pg_lightning.encoders import image_encoder
+
+    assert image_encoder(gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)).out_features == 512  # Nature
+    assert image_encoder(gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)).out_features == 512  # a frame stack
+    assert image_encoder(gym.spaces.Box(0, 255, (7, 7, 3), np.uint8)).out_features == 64  # grid: 7 -> 6 -> 3 -> 2 -> 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [[], ["policy=gru"]], ids=["cnn", "cnn_gru"])
+def test_a_pixel_env_trains_through_the_cnn(overrides, tmp_path):
+    """The context is only in the pixels: uniform actions earn 5.3 of 16, reading the image 16."""
+    summary = train(compose_with("logger=none", "stop_on_solve=false", "env.id=PgTest/Pixels-v0", "env.num_envs=4",
+                                 "steps_per_env=64", "total_env_steps=8000", "eval.num_episodes=8", "estimator=gae",
+                                 "off_policy=clipped", *overrides), tmp_path)
+    assert summary["eval_return_mean"] >= 12.0, summary["eval_return_mean"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ale_py") is None, reason='needs the envs extra: pip install -e ".[envs]"')
+def test_the_atari_config_collects_uint8_frame_stacks_through_the_nature_cnn():
+    """env=atari_pong: ALE's native vector env, (4, 84, 84) uint8 frames, the policy its config picks (policy=cnn)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_with("env=atari_pong", "env.num_envs=2")
+    factory = instantiate(cfg.env)
+    envs = factory.make()
+    policy = instantiate(cfg.policy)(envs.single_observation_space, envs.single_action_space)
+    assert policy.encoder.out_features == 512, "the Nature trunk"
+    batch = RolloutCollector(envs, steps_per_env=16, seed=0).collect(policy)
+    assert batch.obs.dtype == torch.uint8 and batch.obs.shape == (17, 2, 4, 84, 84)
+    torch.testing.assert_close(action_distribution(policy, batch).log_prob(batch.act), batch.logp_behavior,
+                               rtol=1e-5, atol=1e-5)
