@@ -20,13 +20,11 @@ The contract a recurrent policy keeps, beside the memoryless ``policy(obs) -> Di
 
 V_φ with memory. A baseline may depend on anything but the action it weights (§5), so in a POMDP it may
 depend on the whole history o_1..o_t, and it must, to be a good one: the expected return after a blank
-observation depends on what came before it. Here V_φ is an MLP on what the policy sees now and remembers,
-detached:
+observation depends on what came before it. Here V_φ is an MLP on the policy's own state, detached:
 
-    V_φ([x_t, h_t]),   x_t = enc_θ(o_t),   h_t = f_θ(h_{t-1}, x_t)   (no gradient into θ from V_φ's regression)
+    V_φ(h_t),   h_t = f_θ(h_{t-1}, enc_θ(o_t))   (no gradient into θ from V_φ's regression)
 
-rather than a second recurrent network. (x_t beside h_t: the cell is trained for the policy alone, so its
-state need not keep what V_φ needs of the current observation.) The policy's state already summarises the history, it is carried,
+rather than a second recurrent network. The policy's state already summarises the history, it is carried,
 stored and checkpointed once; a recurrent V_φ would need its own state carried through rollouts, batches and
 checkpoints beside it. Detaching keeps the policy's update the policy gradient alone (CleanRL's LSTM PPO
 instead lets the value loss shape the shared cell). Since h_t moves with θ, V_φ's inputs are made again from
@@ -66,8 +64,8 @@ class RecurrentPolicy(nn.Module):
 
     Shapes: ``step``: ``obs [B, obs_dim]``, ``state [B, S]``; ``forward`` and ``features``: ``obs [T, B, obs_dim]``,
     ``first [T, B]``; S = ``hidden_size`` for a GRU, 2 · ``hidden_size`` for an LSTM (h and c side by side,
-    one tensor so the rollout, the batch and the checkpoint hold one state); the features are [x_t, h_t],
-    ``[T, B, encoder width + hidden_size]``.
+    one tensor so the rollout, the batch and the checkpoint hold one state); the features are h_t,
+    ``[T, B, hidden_size]``.
     """
 
     recurrent = True
@@ -99,7 +97,7 @@ class RecurrentPolicy(nn.Module):
         self.cell_type = cell
         self.cell = nn.GRUCell(width, hidden_size) if cell == "gru" else nn.LSTMCell(width, hidden_size)
         self.hidden_size = hidden_size
-        self.feature_size = width + hidden_size  # [x_t, h_t]
+        self.feature_size = hidden_size  # h_t
         self.state_size = hidden_size * (2 if cell == "lstm" else 1)
         self.action_space = action_space
         self.discrete = isinstance(action_space, DISCRETE_SPACES)
@@ -129,8 +127,8 @@ class RecurrentPolicy(nn.Module):
         return self._distribution(self._unroll(obs, state, first)[1])
 
     def features(self, obs: torch.Tensor, state: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """[x_t, h_t] ``[T, B, feature_size]`` (V_φ's inputs) for the steps ``forward`` takes."""
-        return torch.cat(self._unroll(obs, state, first), dim=-1)
+        """h_t ``[T, B, hidden_size]`` (V_φ's inputs) for the steps ``forward`` takes."""
+        return self._unroll(obs, state, first)[1]
 
     def _unroll(self, obs, state, first) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t and h_t, ``[T, B, ·]`` each: the cell over ``obs [T, B, o]`` from ``state`` ``[B, S]``, the state
@@ -194,8 +192,8 @@ def action_distribution(policy: nn.Module, batch: RolloutBatch) -> Distribution:
 
 def value_inputs(policy: nn.Module, batch: RolloutBatch) -> torch.Tensor:
     """What V_φ reads at each of the batch's T + 1 observations: ``obs [T + 1, B, o]`` with a memoryless policy;
-    with a recurrent one the policy's features [x_t, h_t] ``[T + 1, B, F]`` over the batch's sequences (see the
-    module doc), without a graph: V_φ's regression does not reach θ."""
+    with a recurrent one the policy's features h_t ``[T + 1, B, F]`` over the batch's sequences (see the module
+    doc), without a graph: V_φ's regression does not reach θ."""
     if not is_recurrent(policy):
         return batch.obs
     _check_sequences(batch)
