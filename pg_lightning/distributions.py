@@ -113,6 +113,36 @@ def mask_actions(dist: Distribution, mask: torch.Tensor | None) -> Distribution:
     )
 
 
+class ActionMaskReader:
+    """Reads the ``info["action_mask"]`` of a vector env of ``num_envs`` envs whose actions are ``space``, as a
+    ``[num_envs, n]`` bool array (``n`` = ``logits_size(space)``), and checks it: the one reader the rollout and
+    the evaluation share. The width and the MultiDiscrete components' split points are worked out once here,
+    not at every env step."""
+
+    def __init__(self, space: gym.Space, num_envs: int) -> None:
+        self.space, self.num_envs = space, num_envs
+        self.width = logits_size(space) if isinstance(space, DISCRETE_SPACES) else None
+        self.splits = np.cumsum(space.nvec)[:-1] if isinstance(space, gym.spaces.MultiDiscrete) else []
+
+    def read(self, info: dict, where: str) -> np.ndarray | None:
+        """The mask in ``info`` (None where it has none); one line starting with ``where`` when only some envs
+        give one, or it has the wrong width, or it allows no action for some env."""
+        if "action_mask" not in info:
+            return None
+        if "_action_mask" in info and not np.all(info["_action_mask"]):
+            raise ValueError(f"{where}: some envs gave no info['action_mask'] (give it at every reset and step)")
+        if self.width is None:
+            raise ValueError(f"{where}: the env gives info['action_mask'], which applies to discrete action spaces; "
+                             f"the action space is {self.space}")
+        mask = np.asarray(info["action_mask"], dtype=bool).reshape(self.num_envs, -1)
+        if mask.shape[1] != self.width:
+            raise ValueError(f"{where}: info['action_mask'] has {mask.shape[1]} entries per env, the action space "
+                             f"{self.space} needs {self.width}")
+        if not all(part.any(axis=1).all() for part in np.split(mask, self.splits, axis=1)):
+            raise ValueError(f"{where}: info['action_mask'] allows no action (every entry False) for some env")
+        return mask
+
+
 def logits_size(space: gym.Space) -> int:
     """How many logits a policy's head outputs for the discrete action space ``space``."""
     if isinstance(space, gym.spaces.Discrete):

@@ -11,7 +11,7 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import nn
 
-from pg_lightning.distributions import mask_actions
+from pg_lightning.distributions import ActionMaskReader, mask_actions
 from pg_lightning.envs import VectorEnvFactory, to_env_action
 from pg_lightning.policies import is_recurrent
 
@@ -30,9 +30,11 @@ def evaluate_policy(policy: nn.Module, envs: VectorEnv, seed: int | None = None,
     running = np.ones(envs.num_envs, dtype=bool)
     # A recurrent policy carries its state; each env plays one episode, so it is never reset.
     state = policy.initial_state(envs.num_envs) if is_recurrent(policy) else None
-    for _ in range(max_steps):
-        action, state = _mode(policy, torch.as_tensor(obs, dtype=torch.float32, device=device), state,
-                              _mask(info, device))
+    masks = ActionMaskReader(envs.single_action_space, envs.num_envs)
+    where = f"evaluation on {getattr(envs.spec, 'id', None) or type(envs).__name__}"
+    for step in range(max_steps):
+        mask = _as_tensor(masks.read(info, f"{where} at step {step}"), device)
+        action, state = _mode(policy, torch.as_tensor(obs, dtype=torch.float32, device=device), state, mask)
         obs, reward, terminated, truncated, info = envs.step(to_env_action(action.cpu().numpy(), envs.single_action_space))
         returns += np.where(running, reward, 0.0)
         running &= ~(terminated | truncated)
@@ -52,12 +54,8 @@ def _mode(
     return mask_actions(dist, mask).mode, state
 
 
-def _mask(info: dict, device: torch.device) -> torch.Tensor | None:
-    """An env's ``info['action_mask']`` as a bool tensor ``[B, n]`` (None without one)."""
-    if "action_mask" not in info:
-        return None
-    mask = np.asarray(info["action_mask"], dtype=bool)
-    return torch.as_tensor(mask.reshape(mask.shape[0], -1) if mask.ndim > 1 else mask[None], device=device)
+def _as_tensor(mask: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if mask is None else torch.as_tensor(mask, device=device)
 
 
 @torch.no_grad()
@@ -78,9 +76,11 @@ def record_episode(
         obs, info = single.reset(seed=seed)
         frames = [single.render()]
         state = policy.initial_state(1) if is_recurrent(policy) else None
+        masks = ActionMaskReader(single.action_space, 1)
         while len(frames) < max_frames:
             observed = torch.as_tensor(np.asarray(obs)[indices], dtype=torch.float32, device=device)
-            action, state = _mode(policy, observed.unsqueeze(0), state, _mask(info, device))
+            mask = _as_tensor(masks.read(info, f"recording {env.id} at step {len(frames) - 1}"), device)
+            action, state = _mode(policy, observed.unsqueeze(0), state, mask)
             action = action[0]
             obs, _, terminated, truncated, info = single.step(to_env_action(action.cpu().numpy(), single.action_space))
             frames.append(single.render())

@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset
 from pg_lightning.episodes import EpisodeTracker
 from pg_lightning.batch import RolloutBatch
 from pg_lightning.checkpoint import env_state, restore_env_state
-from pg_lightning.distributions import DISCRETE_SPACES, logits_size, mask_actions
+from pg_lightning.distributions import ActionMaskReader, mask_actions
 from pg_lightning.encoders import is_image_space
 from pg_lightning.envs import check_action_space, to_env_action
 from pg_lightning.policies import is_recurrent
@@ -100,10 +100,7 @@ class RolloutCollector:
         self._first = np.ones(num_envs, dtype=bool)  # the current observation begins an episode
         self._policy_state: torch.Tensor | None = None  # a recurrent policy's state per env, [B, S]
         self._action_mask: np.ndarray | None = None  # the actions the env allows now, [B, n] (its info's action_mask)
-        space = envs.single_action_space
-        # A mask's width and where each MultiDiscrete component's part starts: worked out once, not at every step.
-        self._mask_width = logits_size(space) if isinstance(space, DISCRETE_SPACES) else None
-        self._mask_splits = np.cumsum(space.nvec)[:-1] if isinstance(space, gym.spaces.MultiDiscrete) else []
+        self._masks = ActionMaskReader(envs.single_action_space, num_envs)
         self._initial_state: torch.Tensor | None = None  # its initial state, made once per batch, not per step
 
     def collect(self, policy: nn.Module, num_steps: int | None = None) -> RolloutBatch:
@@ -184,20 +181,17 @@ class RolloutCollector:
 
     def _reset(self, seed: int | None) -> None:
         self._obs, info = self.envs.reset(seed=seed)
-        self._action_mask = self._mask_from(info) if "action_mask" in info else None
+        self._action_mask = self._masks.read(info, self._where())
+
+    def _where(self) -> str:
+        return f"environment {self.name} at env step {self.env_steps}"
 
     def _mask_from(self, info: dict) -> np.ndarray:
-        """The ``[B, n]`` bool action mask in a vector env's ``info``; one line naming the env when the mask has the
-        wrong width, goes missing, or allows no action."""
-        where = f"environment {self.name} at env step {self.env_steps}"
-        if "action_mask" not in info or ("_action_mask" in info and not np.all(info["_action_mask"])):
-            raise ValueError(f"{where}: an env stopped giving info['action_mask'] (give it at every reset and step)")
-        mask = np.asarray(info["action_mask"], dtype=bool).reshape(self.envs.num_envs, -1)
-        if mask.shape[1] != self._mask_width:
-            raise ValueError(f"{where}: info['action_mask'] has {mask.shape[1]} entries per env, the action space "
-                             f"{self.envs.single_action_space} needs {self._mask_width}")
-        if not all(part.any(axis=1).all() for part in np.split(mask, self._mask_splits, axis=1)):
-            raise ValueError(f"{where}: info['action_mask'] allows no action (every entry False) for some env")
+        """The ``[B, n]`` action mask of an env that gave one at reset: it must give one at every step."""
+        mask = self._masks.read(info, self._where())
+        if mask is None:
+            raise ValueError(f"{self._where()}: an env stopped giving info['action_mask'] (give it at every reset "
+                             f"and step)")
         return mask
 
     def _start_state(self, policy: nn.Module) -> torch.Tensor | None:

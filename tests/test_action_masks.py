@@ -177,6 +177,11 @@ def test_a_mask_that_allows_nothing_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"at env step 0: info\['action_mask'\] allows no action") as info:
         RolloutCollector(envs, steps_per_env=4, seed=0, name="NothingAllowed").collect(policy)
     assert "\n" not in str(info.value)
+    # The evaluation reads the mask through the same check (before it, an all-False mask made π's logits all
+    # -inf there and the mode an arbitrary action).
+    with pytest.raises(ValueError, match=r"^evaluation on .* at step 0: info\['action_mask'\] allows no action") as info:
+        evaluate_policy(policy, NothingAllowed(), seed=0, max_steps=10)
+    assert "\n" not in str(info.value)
 
 
 def test_a_mask_in_a_dict_observation_is_moved_to_the_info_by_a_wrapper():
