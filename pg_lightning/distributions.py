@@ -24,6 +24,8 @@ and recomputed log-probs are those of π_m, and ∇ log π_m is the score the po
 
 from __future__ import annotations
 
+import functools
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -69,14 +71,22 @@ class MultiCategorical(Independent):
 
     def __init__(self, logits: torch.Tensor, nvec: np.ndarray):
         self.flat_logits, self.nvec = logits, nvec  # what ``mask_actions`` masks
-        widths = [int(n) for n in nvec]
+        widths = tuple(int(n) for n in nvec)
         if len(set(widths)) == 1:  # equal components: a reshape, no padding
             padded = logits.reshape(*logits.shape[:-1], len(widths), widths[0])
-        else:
-            padded = logits.new_full((*logits.shape[:-1], len(widths), max(widths)), float("-inf"))
-            for k, part in enumerate(logits.split(widths, dim=-1)):
-                padded[..., k, : widths[k]] = part
+        else:  # one indexed copy into the -inf grid (not a Python loop over components at every env step)
+            grid = logits.new_full((*logits.shape[:-1], len(widths) * max(widths)), float("-inf"))
+            padded = grid.index_copy(-1, _grid_positions(widths).to(logits.device), logits)
+            padded = padded.reshape(*logits.shape[:-1], len(widths), max(widths))
         super().__init__(GatherCategorical(logits=padded, validate_args=False), 1, validate_args=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_positions(widths: tuple[int, ...]) -> torch.Tensor:
+    """Where each of the Σ widths flat logits goes in the flattened ``[K, max(widths)]`` grid: entry j of
+    component k at k · max(widths) + j. Made outside inference mode: the cached index is used in training too."""
+    with torch.inference_mode(False):
+        return torch.tensor([k * max(widths) + j for k, width in enumerate(widths) for j in range(width)])
 
 
 class ModeBernoulli(Bernoulli):
