@@ -65,14 +65,15 @@ class RecurrentPolicy(nn.Module):
     Shapes: ``step``: ``obs [B, obs_dim]``, ``state [B, S]``; ``forward`` and ``features``: ``obs [T, B, obs_dim]``,
     ``first [T, B]``; S = ``hidden_size`` for a GRU, 2 · ``hidden_size`` for an LSTM (h and c side by side,
     one tensor so the rollout, the batch and the checkpoint hold one state); the features are h_t,
-    ``[T, B, hidden_size]``.
+    ``[T, B, hidden_size]``. The encoder is an MLP of ``encoder_sizes`` on ``obs_dim`` inputs, or the ``encoder``
+    given in its place (``obs_dim`` None; a module with ``out_features``, e.g. a CNN of ``encoders.py``).
     """
 
     recurrent = True
 
     def __init__(
         self,
-        obs_dim: int,
+        obs_dim: int | None,
         action_space: gym.Space,
         cell: str = "gru",
         hidden_size: int = 64,
@@ -85,7 +86,10 @@ class RecurrentPolicy(nn.Module):
         require("policy.cell", cell, lambda value: value in CELLS, "gru or lstm")
         require("policy.hidden_size", hidden_size, positive_int, "a positive integer")
         super().__init__()
-        if encoder is not None:  # e.g. a CNN (encoders.py) with ``out_features``
+        if (encoder is None) == (obs_dim is None):
+            raise ValueError(f"RecurrentPolicy takes obs_dim (for its MLP encoder) or an encoder, not both nor "
+                             f"neither: obs_dim={obs_dim}, encoder={type(encoder).__name__}")
+        if encoder is not None:  # e.g. a CNN (encoders.py) with ``out_features``; encoder_sizes do not apply
             self.encoder, width = encoder, int(encoder.out_features)
         else:
             layers: list[nn.Module] = []
@@ -173,7 +177,7 @@ def recurrent_policy(
     check_action_space(action_space)
     if is_image_space(observation_space):
         encoder = image_encoder(observation_space)
-        return RecurrentPolicy(encoder.out_features, action_space, cell, hidden_size, (), activation, log_std_init,
+        return RecurrentPolicy(None, action_space, cell, hidden_size, (), activation, log_std_init,
                                orthogonal_init, encoder=encoder)
     require_flat_observations(observation_space, "recurrent policies")
     return RecurrentPolicy(int(observation_space.shape[0]), action_space, cell, hidden_size, list(encoder_sizes),
@@ -199,13 +203,6 @@ def value_inputs(policy: nn.Module, batch: RolloutBatch) -> torch.Tensor:
     _check_sequences(batch)
     with torch.no_grad():
         return policy.features(batch.obs, batch.policy_state, batch.first)
-
-
-def value_input_size(policy: nn.Module, observation_space: gym.Space) -> int:
-    """The width of ``value_inputs``: the policy's ``feature_size``, or the flat observation's size."""
-    if is_recurrent(policy):
-        return int(policy.feature_size)
-    return int(np.prod(observation_space.shape))
 
 
 def _check_sequences(batch: RolloutBatch) -> None:

@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import gymnasium as gym
+import numpy as np
 import torch
 from torch import nn
 
 from pg_lightning.encoders import image_encoder, is_image_space
 from pg_lightning.policies import is_recurrent, mlp
-from pg_lightning.recurrent import value_input_size
 from pg_lightning.validation import positive_int, positive_number, require
 
 
@@ -79,12 +79,15 @@ class ValueFunction(nn.Module):
 
     @classmethod
     def for_policy(cls, policy: nn.Module, observation_space: gym.Space, config: ValueFunctionConfig) -> ValueFunction:
-        """V_φ for the inputs ``recurrent.value_inputs(policy, batch)`` gives: a CNN of its own when they are
-        images (a memoryless policy's image observations)."""
-        if not is_recurrent(policy) and is_image_space(observation_space):
+        """V_φ for the inputs ``recurrent.value_inputs(policy, batch)`` gives (the one place that decides their
+        width): a recurrent policy's features h_t ``[..., feature_size]``; otherwise the observation, through a
+        CNN of V_φ's own when it is an image, flattened when it is a vector."""
+        if is_recurrent(policy):
+            return cls(int(policy.feature_size), config)
+        if is_image_space(observation_space):
             encoder = image_encoder(observation_space)
             return cls(encoder.out_features, config, encoder)
-        return cls(value_input_size(policy, observation_space), config)
+        return cls(int(np.prod(observation_space.shape)), config)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.net(self.encoder(inputs)).squeeze(-1)

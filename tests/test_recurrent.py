@@ -290,3 +290,14 @@ def test_what_a_recurrent_policy_cannot_do_is_refused_in_one_line(overrides, mes
     with pytest.raises(ConfigError) as info:
         train(compose_with("logger=none", "env=masked_cartpole", "policy=gru", *overrides), tmp_path)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_recurrent_policy_takes_an_observation_width_or_an_encoder_not_both():
+    space = gym.spaces.Discrete(2)
+    encoder = nn.Linear(3, 5)
+    encoder.out_features = 5
+    assert RecurrentPolicy(None, space, encoder=encoder).cell.input_size == 5
+    for obs_dim, given in ((3, encoder), (None, None)):
+        with pytest.raises(ValueError, match=r"obs_dim \(for its MLP encoder\) or an encoder") as info:
+            RecurrentPolicy(obs_dim, space, encoder=given)
+        assert "\n" not in str(info.value)
