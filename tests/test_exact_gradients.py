@@ -39,14 +39,17 @@ class Samples:
     policy: torch.nn.Module
     batch: RolloutBatch
 
-    def estimates(self, estimator, value_fn=None, per_batch: int = EPISODES_PER_BATCH, policy=None, off_policy=None) -> torch.Tensor:
-        """``[M, P]``: one flattened gradient estimate per batch of ``per_batch`` episodes.
+    def estimates(self, estimator, value_fn=None, per_batch: int = EPISODES_PER_BATCH, policy=None, off_policy=None,
+                  max_batches: int | None = None) -> torch.Tensor:
+        """``[M, P]``: one flattened gradient estimate per batch of ``per_batch`` episodes (the first
+        ``max_batches`` batches where given).
 
         ``policy`` is the policy whose gradient is estimated (default: the one that collected the data);
         with another policy, ``off_policy`` says how the data's behaviour log-probs are used.
         """
         policy = policy or self.policy
         total = self.batch.num_envs // per_batch
+        total = total if max_batches is None else min(total, max_batches)
         rows = []
         for i in range(total):
             part = self.batch.select_envs(slice(i * per_batch, (i + 1) * per_batch))
@@ -158,9 +161,12 @@ def test_a_baseline_that_sees_its_own_trajectory_is_caught_as_biased(chain_sampl
             weights = (out.weights - masked_mean(out.weights, out.mask)) * out.mask
             return E.EstimatorOutput(weights, out.mask, out.segments, out.num_segments)
 
-    estimates = chain_samples.estimates(InSampleAverage(name="in_sample", gamma=1.0, reward_to_go=False, baseline="none"), per_batch=2)
+    # The first 2,000 pairs: the bias (half of ∇J) is many standard errors wide already; all 16,000 took ~100 s.
+    estimates = chain_samples.estimates(InSampleAverage(name="in_sample", gamma=1.0, reward_to_go=False, baseline="none"),
+                                        per_batch=2, max_batches=2000)
     exact = chain_samples.exact(lambda p: exact_objective(p, chain_samples.mdp, 1.0))
-    assert z_scores(estimates, exact).max() > 2 * Z
+    z = z_scores(estimates, exact)
+    assert z.max() > 2 * Z, z.max().item()  # 11.9 on this draw
 
 
 def test_variance_ordering_on_the_chain(chain_samples):
