@@ -57,7 +57,8 @@ def beside_pytest(work: Path, total_env_steps: int) -> float | None:
     if importlib.util.find_spec("pytest") is None:
         print('pytest is not installed (pip install -e ".[dev]"): the run beside pytest is skipped', flush=True)
         return None
-    tests = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    # -n 0: one pytest process, as measured before the suite ran on a worker per core (pyproject's addopts).
+    tests = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                               str(ROOT / "tests" / "test_training_batches.py")],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
