@@ -141,18 +141,8 @@ class PolicyGradientModule(LightningModule):
         require("whole_episodes", whole_episodes, lambda v: v is None or boolean(v), "true, false or null")
         if anneal_lr and total_env_steps is None:
             raise ValueError("anneal_lr=true decays the learning rate over total_env_steps, which is null: set a budget")
-        natural_gradient = isinstance(optimizer, NaturalGradient)
-        if natural_gradient and (max_grad_norm is not None or anneal_lr):
-            key = f"max_grad_norm={max_grad_norm}" if max_grad_norm is not None else "anneal_lr=true"
-            raise ValueError(
-                f"{key} cannot be combined with optimizer=natural_gradient: its step is sized to the KL radius "
-                "(optimizer.max_kl), which rescaling the gradient or the learning rate would undo"
-            )
-        if natural_gradient and estimator is not None and estimator.value is not None and estimator.value.shared_step_coef:
-            raise ValueError(
-                f"estimator.value.shared_step_coef={estimator.value.shared_step_coef} cannot be combined with "
-                "optimizer=natural_gradient: its step preconditions the policy's gradient alone; leave it null"
-            )
+        if isinstance(optimizer, NaturalGradient):
+            _check_natural_gradient_settings(max_grad_norm, anneal_lr, off_policy, estimator)
         self.max_grad_norm = max_grad_norm
         self.entropy_coef = entropy_coef
         self.anneal_lr = anneal_lr
@@ -270,11 +260,6 @@ class PolicyGradientModule(LightningModule):
             raise ValueError(
                 f"off_policy.kind={kind} cannot be combined with estimator.baseline=optimal "
                 "(the per-parameter baseline has no importance-weighted form here); use baseline=average or value"
-            )
-        if isinstance(self.optimizer_factory, NaturalGradient):
-            raise ValueError(
-                f"off_policy.kind={kind} cannot be combined with optimizer=natural_gradient "
-                "(its step is computed from the on-policy batch); use optimizer=adam or sgd"
             )
         if self.off_policy.minibatch_unit == "envs" and self.off_policy.minibatches > self.env.num_envs:
             raise ValueError(
@@ -563,3 +548,29 @@ class PolicyGradientModule(LightningModule):
             torch.set_rng_state(counters["torch_rng"])
         if single_process and self.reward_scaler is not None and counters.get("reward_returns") is not None:
             self.reward_scaler.returns = counters["reward_returns"]
+
+
+def _check_natural_gradient_settings(
+    max_grad_norm: float | None, anneal_lr: bool, off_policy: OffPolicy | None, estimator: Estimator | None
+) -> None:
+    """One line naming every setting that ``optimizer=natural_gradient`` cannot take, and the fix of each: its step
+    is F⁻¹g of the on-policy batch sized to the KL radius (``optimizer.max_kl``), so nothing may rescale it, reuse
+    old data through it, or add V_φ's loss to the gradient it preconditions."""
+    conflicts = []  # (setting, fix)
+    if max_grad_norm is not None:
+        conflicts.append((f"max_grad_norm={max_grad_norm}", "max_grad_norm=null"))
+    if anneal_lr:
+        conflicts.append(("anneal_lr=true", "anneal_lr=false"))
+    if off_policy is not None and off_policy.reuses_data:
+        conflicts.append((f"off_policy.kind={off_policy.kind}", "off_policy=none"))
+    if estimator is not None and estimator.value is not None and estimator.value.shared_step_coef:
+        conflicts.append((f"estimator.value.shared_step_coef={estimator.value.shared_step_coef}",
+                          "estimator.value.shared_step_coef=null (e.g. estimator=gae, not gae_shared_step)"))
+    if conflicts:
+        settings = [setting for setting, _ in conflicts]
+        named = settings[0] if len(settings) == 1 else ", ".join(settings[:-1]) + " and " + settings[-1]
+        raise ValueError(
+            f"{named} cannot be combined with optimizer=natural_gradient: its step is the on-policy batch's "
+            f"gradient preconditioned by F⁻¹ and sized to the KL radius (optimizer.max_kl), which rescaling, reused "
+            f"data or V_φ's loss in the same step would undo; set {' '.join(fix for _, fix in conflicts)}"
+        )

@@ -117,6 +117,10 @@ def test_a_squashed_policy_trains_with_the_ppo_mujoco_details_and_an_entropy_bon
         (["max_grad_norm=0"], "max_grad_norm must be a positive number or null, got 0"),
         (["entropy_coef=-0.1"], "entropy_coef must be a non-negative number, got -0.1"),
         (["optimizer=natural_gradient", "max_grad_norm=0.5"], "max_grad_norm=0.5 cannot be combined with optimizer=natural_gradient"),
+        # Every setting the natural gradient cannot take, named in one line with its fix (masked_cartpole sets three).
+        (["env=masked_cartpole", "optimizer=natural_gradient"],
+         "anneal_lr=true, off_policy.kind=clipped and estimator.value.shared_step_coef=0.5 cannot be combined with "
+         "optimizer=natural_gradient"),
         (["anneal_lr=1"], "anneal_lr must be true or false, got 1"),
         (["estimator=gae", "estimator.value.targets=td"], "estimator.value.targets must be returns or lambda_returns, got 'td'"),
     ],
