@@ -265,15 +265,17 @@ def test_a_recurrent_policy_trains_with_every_update_kind(overrides, tmp_path):
 
 @pytest.mark.slow
 def test_a_recurrent_policy_trains_under_ddp_on_two_cpu_processes(tmp_path):
-    """Each rank carries the state of its own envs; the gradients are averaged as for any policy."""
+    """Each rank carries the state of its own envs; the gradients are averaged as for any policy. The env config's
+    own estimator and update (gae_shared_step, clipped): what a user's DDP run of this command takes."""
     run_dir = tmp_path / "run"
     result = run_train_py("trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "logger=csv",
-                          "env=masked_cartpole", "policy=gru", "estimator=gae", "off_policy=clipped",
-                          "env.num_envs=4", "steps_per_env=64", "total_env_steps=1500", "stop_on_solve=false",
-                          "eval.num_episodes=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                          "env=masked_cartpole", "policy=gru", "env.num_envs=4", "steps_per_env=64",
+                          "total_env_steps=1500", "stop_on_solve=false", "eval.num_episodes=2",
+                          f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished" and summary["iterations"] >= 3
+    assert summary["estimator"] == "gae_shared_step"
 
 
 @pytest.mark.parametrize(
