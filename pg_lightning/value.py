@@ -136,7 +136,10 @@ def fit_value(
 
 def explained_variance(targets: torch.Tensor, values_before: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var(target - V) / Var(target) over the masked steps: 1 when V_φ (before the fit) predicted the
-    targets exactly, 0 when it did no better than their mean. ``[T, B]`` inputs."""
+    targets exactly, 0 when it did no better than their mean. ``[T, B]`` inputs. NaN when fewer than two steps
+    are masked in: a variance needs two (torch would warn and give NaN)."""
+    if int(mask.sum()) < 2:
+        return targets.new_tensor(float("nan"))
     residual = (targets - values_before)[mask]
     return 1.0 - residual.var() / targets[mask].var().clamp(min=1e-8)
 

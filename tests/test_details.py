@@ -149,3 +149,18 @@ def test_value_minibatches_cover_the_batch_once_per_epoch_and_fit_it():
     before = ((value_fn(obs) - targets) ** 2)[mask].mean()
     fit_value(value_fn, obs, targets, mask, value_fn(obs).detach(), steps=200, step=step, minibatch_size=8)
     assert ((value_fn(obs) - targets) ** 2)[mask].mean() < before / 5
+
+
+def test_explained_variance_of_fewer_than_two_steps_is_nan_without_a_warning():
+    import warnings
+
+    from pg_lightning.value import explained_variance
+
+    targets, values = torch.tensor([[1.0, 2.0], [3.0, 5.0]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    one_step = torch.tensor([[True, False], [False, False]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's var() of one element warns: that is what this avoids
+        assert torch.isnan(explained_variance(targets, values, one_step))
+    every_step = torch.ones(2, 2, dtype=torch.bool)
+    torch.testing.assert_close(explained_variance(targets, values, every_step),
+                               1 - (targets - values).var() / targets.var())
