@@ -129,7 +129,7 @@ def test_default_config_solves_cartpole_and_stops(tmp_path):
         (["estimator=reinforce"], "reinforce", "CartPole-v1"),
         (["estimator=reward_to_go", "optimizer=sgd"], "reward_to_go", "CartPole-v1"),
         (["env=pendulum", "steps_per_env=200", "env.num_envs=4"], "baseline", "Pendulum-v1"),
-        (["env=masked_cartpole", "policy=linear"], "gae", "CartPole-v1"),  # its config picks PPO with GAE
+        (["env=masked_cartpole", "policy=linear"], "gae_shared_step", "CartPole-v1"),  # its config picks PPO with GAE
     ],
 )
 def test_presets_and_envs_run(tmp_path, overrides, estimator, env_id):
