@@ -25,6 +25,7 @@ and recomputed log-probs are those of π_m, and ∇ log π_m is the score the po
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
@@ -134,22 +135,23 @@ class ActionMaskReader:
         self.width = logits_size(space) if isinstance(space, DISCRETE_SPACES) else None
         self.splits = np.cumsum(space.nvec)[:-1] if isinstance(space, gym.spaces.MultiDiscrete) else []
 
-    def read(self, info: dict, where: str) -> np.ndarray | None:
-        """The mask in ``info`` (None where it has none); one line starting with ``where`` when only some envs
-        give one, or it has the wrong width, or it allows no action for some env."""
+    def read(self, info: dict, where_of: Callable[[], str]) -> np.ndarray | None:
+        """The mask in ``info`` (None where it has none); one line starting with ``where_of()`` when only some envs
+        give one, or it has the wrong width, or it allows no action for some env (the place is formatted only
+        then, not at every env step)."""
         if "action_mask" not in info:
             return None
         if "_action_mask" in info and not np.all(info["_action_mask"]):
-            raise ValueError(f"{where}: some envs gave no info['action_mask'] (give it at every reset and step)")
+            raise ValueError(f"{where_of()}: some envs gave no info['action_mask'] (give it at every reset and step)")
         if self.width is None:
-            raise ValueError(f"{where}: the env gives info['action_mask'], which applies to discrete action spaces; "
+            raise ValueError(f"{where_of()}: the env gives info['action_mask'], which applies to discrete action spaces; "
                              f"the action space is {self.space}")
         mask = np.asarray(info["action_mask"], dtype=bool).reshape(self.num_envs, -1)
         if mask.shape[1] != self.width:
-            raise ValueError(f"{where}: info['action_mask'] has {mask.shape[1]} entries per env, the action space "
+            raise ValueError(f"{where_of()}: info['action_mask'] has {mask.shape[1]} entries per env, the action space "
                              f"{self.space} needs {self.width}")
         if not all(part.any(axis=1).all() for part in np.split(mask, self.splits, axis=1)):
-            raise ValueError(f"{where}: info['action_mask'] allows no action (every entry False) for some env")
+            raise ValueError(f"{where_of()}: info['action_mask'] allows no action (every entry False) for some env")
         return mask
 
 

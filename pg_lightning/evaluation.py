@@ -33,7 +33,7 @@ def evaluate_policy(policy: nn.Module, envs: VectorEnv, seed: int | None = None,
     masks = ActionMaskReader(envs.single_action_space, envs.num_envs)
     where = f"evaluation on {getattr(envs.spec, 'id', None) or type(envs).__name__}"
     for step in range(max_steps):
-        mask = _as_tensor(masks.read(info, f"{where} at step {step}"), device)
+        mask = _as_tensor(masks.read(info, lambda: f"{where} at step {step}"), device)
         action, state = _mode(policy, torch.as_tensor(obs, dtype=torch.float32, device=device), state, mask)
         obs, reward, terminated, truncated, info = envs.step(to_env_action(action.cpu().numpy(), envs.single_action_space))
         returns += np.where(running, reward, 0.0)
@@ -79,7 +79,7 @@ def record_episode(
         masks = ActionMaskReader(single.action_space, 1)
         while len(frames) < max_frames:
             observed = torch.as_tensor(np.asarray(obs)[indices], dtype=torch.float32, device=device)
-            mask = _as_tensor(masks.read(info, f"recording {env.id} at step {len(frames) - 1}"), device)
+            mask = _as_tensor(masks.read(info, lambda: f"recording {env.id} at step {len(frames) - 1}"), device)
             action, state = _mode(policy, observed.unsqueeze(0), state, mask)
             action = action[0]
             obs, _, terminated, truncated, info = single.step(to_env_action(action.cpu().numpy(), single.action_space))

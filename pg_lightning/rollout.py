@@ -181,14 +181,14 @@ class RolloutCollector:
 
     def _reset(self, seed: int | None) -> None:
         self._obs, info = self.envs.reset(seed=seed)
-        self._action_mask = self._masks.read(info, self._where())
+        self._action_mask = self._masks.read(info, self._where)
 
     def _where(self) -> str:
         return f"environment {self.name} at env step {self.env_steps}"
 
     def _mask_from(self, info: dict) -> np.ndarray:
         """The ``[B, n]`` action mask of an env that gave one at reset: it must give one at every step."""
-        mask = self._masks.read(info, self._where())
+        mask = self._masks.read(info, self._where)
         if mask is None:
             raise ValueError(f"{self._where()}: an env stopped giving info['action_mask'] (give it at every reset "
                              f"and step)")
