@@ -5,6 +5,7 @@
     python benchmarks/mujoco.py ... --no-sb3               # our preset only (--no-ours: SB3 only)
     python benchmarks/mujoco.py --aggregate-only           # re-read the JSON files of earlier runs
     python benchmarks/mujoco.py ... --resume               # continue our runs that stopped early (last.ckpt)
+    python benchmarks/mujoco.py ... --overrides anneal_lr=false  # a variant: records under ppo_mujoco+anneal_lr=false
     python benchmarks/mujoco.py --throughput --steps 30720 # env steps/s of both, timed alone, as a ratio
 
 Each run is a separate process, one after another, and writes ``<out>/<method>/<env>/seed<k>.json`` (our run dirs,
@@ -70,12 +71,20 @@ def last_episodes_mean(metrics_csv: Path, count: int = LAST_EPISODES) -> float:
     return total / taken if taken else float("nan")
 
 
-def run_ours(preset: str, env: str, seed: int, steps: int, run_dir: Path | None = None, resume: bool = False) -> dict:
-    """One run of ``train.py +experiment=<preset>`` in its own process: its JSON record. ``resume``: continue the
-    run dir's ``last.ckpt`` if there is one (a run stopped before its budget; its metrics.csv goes on)."""
-    run_dir = run_dir or REPO / "outputs" / "mujoco" / preset / env / f"seed{seed}"  # checkpoints stay out of git
+def method_name(preset: str, overrides: list[str]) -> str:
+    """The name a variant's records go under: ``ppo_mujoco``, or ``ppo_mujoco+anneal_lr=false`` with overrides."""
+    return "+".join([preset, *overrides])
+
+
+def run_ours(preset: str, env: str, seed: int, steps: int, run_dir: Path | None = None, resume: bool = False,
+             overrides: list[str] = ()) -> dict:
+    """One run of ``train.py +experiment=<preset> <overrides>`` in its own process: its JSON record. ``resume``:
+    continue the run dir's ``last.ckpt`` if there is one (a run stopped before its budget; its metrics.csv goes on)."""
+    method = method_name(preset, list(overrides))
+    run_dir = run_dir or REPO / "outputs" / "mujoco" / method / env / f"seed{seed}"  # checkpoints stay out of git
     command = [sys.executable, str(REPO / "train.py"), f"+experiment={preset}", f"env={env}", f"seed={seed}",
-               f"total_env_steps={steps}", "logger=csv", "stop_on_solve=false", f"hydra.run.dir={run_dir}"]
+               f"total_env_steps={steps}", "logger=csv", "stop_on_solve=false", f"hydra.run.dir='{run_dir}'",  # quoted: a variant's dir name holds '='
+               *overrides]
     if resume and (run_dir / "last.ckpt").exists():
         command.append(f"ckpt_path={run_dir / 'last.ckpt'}")
     start = time.perf_counter()
@@ -86,7 +95,7 @@ def run_ours(preset: str, env: str, seed: int, steps: int, run_dir: Path | None 
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     training_s = summary["wall_s"] - summary["eval_s"]  # fit's wall time less its evaluations: SB3's train_wall
-    return {"method": preset, "env": env, "seed": seed, "env_steps": summary["env_steps"], "wall_s": wall,
+    return {"method": method, "env": env, "seed": seed, "env_steps": summary["env_steps"], "wall_s": wall,
             "env_steps_per_s": summary["env_steps"] / training_s,
             "final_return": last_episodes_mean(run_dir / "metrics.csv"),
             "eval_return": summary["eval_return_mean"], "eval_s": summary["eval_s"]}
@@ -183,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", action="store_true", help="time ours and SB3 alternately (alone!)")
     parser.add_argument("--repeats", type=int, default=3, help="--throughput: pairs of runs")
     parser.add_argument("--resume", action="store_true", help="continue our runs stopped before their budget")
+    parser.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides on top of the preset (a variant; its records go under preset+overrides)")
     parser.add_argument("--sb3-run", nargs=3, metavar=("ENV", "SEED", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sb3_run:  # one SB3 run, in its own process
@@ -196,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         for env in args.envs:
             for seed in args.seeds:
                 if not args.no_ours:
-                    write(args.out / args.preset / env / f"seed{seed}.json",
-                          run_ours(args.preset, env, seed, args.steps, resume=args.resume))
+                    write(args.out / method_name(args.preset, args.overrides) / env / f"seed{seed}.json",
+                          run_ours(args.preset, env, seed, args.steps, resume=args.resume, overrides=args.overrides))
                 if not args.no_sb3:
                     write(args.out / "sb3_ppo" / env / f"seed{seed}.json", sb3_process(env, seed, args.steps))
     print("\n".join(aggregate(args.out)))
