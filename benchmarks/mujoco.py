@@ -135,9 +135,17 @@ def run_sb3(env: str, seed: int, steps: int) -> dict:
             "eval_return": float(np.mean(evaluations)), "eval_s": wall - train_wall}
 
 
+def bootstrap(scores: dict, statistic) -> tuple[dict, dict]:
+    """rliable's point estimates and 95% stratified-bootstrap intervals, 2000 resamples, seeded so that the printed
+    table is the same at every invocation (rliable draws its resamples from numpy's global stream)."""
+    from rliable import library as rly
+
+    np.random.seed(0)
+    return rly.get_interval_estimates(scores, statistic, reps=2000, random_state=np.random.RandomState(0))
+
+
 def aggregate(out: Path) -> list[str]:
     """Per env and method: IQM over seeds of the final return, its 95% stratified-bootstrap interval, steps/s."""
-    from rliable import library as rly
     from rliable import metrics
 
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*.json"))]
@@ -147,8 +155,7 @@ def aggregate(out: Path) -> list[str]:
         for method in sorted({r["method"] for r in runs if r["env"] == env}):
             chosen = [r for r in runs if r["env"] == env and r["method"] == method]
             scores = np.array([[r["final_return"]] for r in chosen])  # [seeds, 1 task]
-            point, interval = rly.get_interval_estimates(
-                {method: scores}, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=2000)
+            point, interval = bootstrap({method: scores}, lambda x: np.array([metrics.aggregate_iqm(x)]))
             low, high = interval[method][:, 0]
             lines.append(f"| {ENV_IDS[env]} | {method} | {len(chosen)} | {point[method][0]:.0f} [{low:.0f}, {high:.0f}] | "
                          f"{np.mean([r['eval_return'] for r in chosen]):.0f} | "
@@ -161,7 +168,6 @@ def improvement_over_sb3(runs: list[dict]) -> list[str]:
     """Per env and preset run beside SB3: P(ours > SB3), the probability that a run of ours ends above a run of
     SB3's (the Mann-Whitney U statistic over all pairs of seeds, ties counting ½; rliable's
     ``probability_of_improvement``), with its 95% stratified-bootstrap interval. 0.5: neither is better."""
-    from rliable import library as rly
     from rliable import metrics
 
     lines = []
@@ -171,8 +177,8 @@ def improvement_over_sb3(runs: list[dict]) -> list[str]:
             ours = np.array([[r["final_return"]] for r in runs if r["env"] == env and r["method"] == method])
             if len(sb3) < 2 or len(ours) < 2:
                 continue
-            point, interval = rly.get_interval_estimates(
-                {method: (ours, sb3)}, lambda x, y: np.array([metrics.probability_of_improvement(x, y)]), reps=2000)
+            point, interval = bootstrap({method: (ours, sb3)},
+                                        lambda x, y: np.array([metrics.probability_of_improvement(x, y)]))
             low, high = interval[method][:, 0]
             lines.append(f"{ENV_IDS[env]}: P({method} > sb3_ppo) = {point[method][0]:.2f} [{low:.2f}, {high:.2f}] "
                          f"over {len(ours)} × {len(sb3)} seeds (final return; 0.5: neither is better)")
