@@ -146,6 +146,11 @@ def bootstrap(scores: dict, statistic) -> tuple[dict, dict]:
     return rly.get_interval_estimates(scores, statistic, reps=2000)
 
 
+def final_returns(runs: list[dict], env: str, method: str) -> np.ndarray:
+    """The final returns of one env and method's runs, ``[seeds, 1 task]`` as rliable takes them."""
+    return np.array([[r["final_return"]] for r in runs if r["env"] == env and r["method"] == method])
+
+
 def aggregate(out: Path) -> list[str]:
     """Per env and method: IQM over seeds of the final return, its 95% stratified-bootstrap interval, steps/s."""
     from rliable import metrics
@@ -156,7 +161,7 @@ def aggregate(out: Path) -> list[str]:
     for env in sorted({r["env"] for r in runs}):
         for method in sorted({r["method"] for r in runs if r["env"] == env}):
             chosen = [r for r in runs if r["env"] == env and r["method"] == method]
-            scores = np.array([[r["final_return"]] for r in chosen])  # [seeds, 1 task]
+            scores = final_returns(runs, env, method)
             point, interval = bootstrap({method: scores}, lambda x: np.array([metrics.aggregate_iqm(x)]))
             low, high = interval[method][:, 0]
             lines.append(f"| {ENV_IDS[env]} | {method} | {len(chosen)} | {point[method][0]:.0f} [{low:.0f}, {high:.0f}] | "
@@ -174,9 +179,9 @@ def improvement_over_sb3(runs: list[dict]) -> list[str]:
 
     lines = []
     for env in sorted({r["env"] for r in runs}):
-        sb3 = np.array([[r["final_return"]] for r in runs if r["env"] == env and r["method"] == "sb3_ppo"])
+        sb3 = final_returns(runs, env, "sb3_ppo")
         for method in sorted({r["method"] for r in runs if r["env"] == env} - {"sb3_ppo"}):
-            ours = np.array([[r["final_return"]] for r in runs if r["env"] == env and r["method"] == method])
+            ours = final_returns(runs, env, method)
             if len(sb3) < 2 or len(ours) < 2:
                 continue
             point, interval = bootstrap({method: (ours, sb3)},
@@ -215,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         for env in args.envs:
             for seed in args.seeds:
                 if not args.no_ours:
-                    write(args.out / method_name(args.preset, args.overrides) / env / f"seed{seed}.json",
-                          run_ours(args.preset, env, seed, args.steps, resume=args.resume, overrides=args.overrides))
+                    record = run_ours(args.preset, env, seed, args.steps, resume=args.resume, overrides=args.overrides)
+                    write(args.out / record["method"] / env / f"seed{seed}.json", record)
                 if not args.no_sb3:
                     write(args.out / "sb3_ppo" / env / f"seed{seed}.json", sb3_process(env, seed, args.steps))
     print("\n".join(aggregate(args.out)))
