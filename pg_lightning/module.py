@@ -41,7 +41,7 @@ from pg_lightning.distributed import LOCAL, reduction_for
 from pg_lightning.estimators import Estimator, EstimatorOutput
 from pg_lightning.evaluation import evaluate_policy
 from pg_lightning.natural_gradient import NaturalGradient
-from pg_lightning.normalization import NormalizedObservations, RewardScaler
+from pg_lightning.normalization import NormalizedObservations, RewardScaler, inputs_normalized
 from pg_lightning.off_policy import OffPolicy
 from pg_lightning.policies import check_policy, is_recurrent, mlp_policy
 from pg_lightning.recurrent import value_inputs
@@ -88,6 +88,8 @@ class PolicyGradientModule(LightningModule):
             (``normalization.py``).
         scale_rewards: divide the rewards the estimator sees by the running standard deviation of the
             discounted return (``normalization.RewardScaler``); the logged returns stay raw.
+        normalizer_updates: when the observation and reward statistics change: ``"batch"``, after each
+            iteration's update; ``"step"``, at every env step, as SB3 and CleanRL (``normalization.py``).
         max_grad_norm: if set, every optimizer step (policy and V_φ) first rescales its model's gradient to
             at most this global L2 norm (``update.GuardedStep``); not with the natural gradient.
         entropy_coef: c ≥ 0 of the entropy bonus -c · H̄ in the policy's loss (``update.with_entropy_bonus``).
@@ -118,6 +120,7 @@ class PolicyGradientModule(LightningModule):
         max_grad_norm: float | None = None,
         entropy_coef: float = 0.0,
         anneal_lr: bool = False,
+        normalizer_updates: str = "batch",
     ):
         super().__init__()
         check_torch_threads(torch_threads)
@@ -139,6 +142,9 @@ class PolicyGradientModule(LightningModule):
                           ("normalize_observations", normalize_observations)):
             require(key, flag, boolean, "true or false")
         require("whole_episodes", whole_episodes, lambda v: v is None or boolean(v), "true, false or null")
+        require("normalizer_updates", normalizer_updates, lambda v: v in ("batch", "step"), "batch or step")
+        if normalizer_updates == "step":
+            _check_per_step_statistics(normalize_observations, scale_rewards, off_policy)
         if anneal_lr and total_env_steps is None:
             raise ValueError("anneal_lr=true decays the learning rate over total_env_steps, which is null: set a budget")
         if isinstance(optimizer, NaturalGradient):
@@ -146,6 +152,7 @@ class PolicyGradientModule(LightningModule):
         self.max_grad_norm = max_grad_norm
         self.entropy_coef = entropy_coef
         self.anneal_lr = anneal_lr
+        self.normalizer_updates = normalizer_updates
         self.max_iterations = max_iterations
         # Every argument above is checked before the env is made (spaces() makes one).
         self.env = env if isinstance(env, VectorEnvFactory) else VectorEnvFactory(id=env)
@@ -315,7 +322,8 @@ class PolicyGradientModule(LightningModule):
     def collect_batch(self) -> RolloutBatch:
         """One on-policy batch from this rank's envs, with the current weights."""
         assert self.collector is not None, "setup() creates the collector"
-        return self.collector.collect(self.policy)
+        observing = self.normalizer_updates == "step" and isinstance(self.policy, NormalizedObservations)
+        return self.collector.collect(self.policy, observe=self.policy.observe if observing else None)
 
     def val_dataloader(self) -> DataLoader:
         """One item, the eval envs' seed: ``trainer.validate`` runs one deterministic evaluation."""
@@ -352,7 +360,33 @@ class PolicyGradientModule(LightningModule):
         return self.value_fn is not None and self.estimator.value is not None and bool(self.estimator.value.shared_step_coef)
 
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
-        """One iteration after collecting ``batch``: the policy update, then V_φ's fit, then the metrics."""
+        """One iteration after collecting ``batch``: the policy update, then V_φ's fit, then the statistics of the
+        observations and rewards take the batch in, then the metrics. With ``normalizer_updates=step`` the
+        statistics took it in at every step: training reads the inputs and rewards as they were then."""
+        if self.normalizer_updates == "batch":
+            self._train(batch)
+            self._update_normalizers(batch)
+            if self.reward_scaler is not None:
+                self.reward_scaler.update(batch.rew, batch.valid, batch.done, self.reduction)
+        else:
+            with inputs_normalized(self.policy, self.value_fn):
+                self._train(self._as_acted(batch))
+
+    def _as_acted(self, batch: RolloutBatch) -> RolloutBatch:
+        """``normalizer_updates=step``: the batch with the observations as the policy's normaliser gave them at
+        each step, the rewards scaled per step, and the statistics merged over ranks (``normalization.py``)."""
+        changes = {}
+        if isinstance(self.policy, NormalizedObservations):
+            changes["obs"] = self.policy.acted_inputs(batch.obs, batch.valid, self.reduction)
+            if isinstance(self.value_fn, NormalizedObservations):  # unused while it passes through; kept equal
+                self.value_fn.update_normalizer(batch.obs[:-1][batch.valid], self.reduction)
+        if self.reward_scaler is not None:
+            changes["return_before"] = self.reward_scaler.scale(batch.return_before)
+            changes["rew"] = self.reward_scaler.scale_per_step(batch.rew, batch.valid, batch.done, self.reduction)
+        return dataclasses.replace(batch, **changes)
+
+    def _train(self, batch: RolloutBatch) -> None:
+        """The policy update, then V_φ's fit, then the metrics."""
         policy_step, value_step = self._guarded_steps()
         if self.anneal_lr:
             self._anneal_learning_rates()
@@ -374,9 +408,6 @@ class PolicyGradientModule(LightningModule):
                 metrics.update(fit_value(self.value_fn, inputs, result.estimate.value_targets, batch.valid,
                                          values[:-1], self.estimator.value.steps, value_step,
                                          self.estimator.value.minibatch_size))
-        self._update_normalizers(batch)
-        if self.reward_scaler is not None:
-            self.reward_scaler.update(batch.rew, batch.valid, batch.done, self.reduction)
         self._log_iteration(batch, result.estimate.mask, result.loss, result.entropy, metrics)
 
     def _update_normalizers(self, batch: RolloutBatch) -> None:
@@ -434,8 +465,9 @@ class PolicyGradientModule(LightningModule):
         return past + [(self._scaled(batch), values)]
 
     def _scaled(self, batch: RolloutBatch) -> RolloutBatch:
-        """The batch with the rewards the estimator sees: divided by the reward scale, when it is on."""
-        if self.reward_scaler is None:
+        """The batch with the rewards the estimator sees: divided by the reward scale, when it is on (per-step
+        statistics scaled them already, in ``_as_acted``)."""
+        if self.reward_scaler is None or self.normalizer_updates == "step":
             return batch
         return dataclasses.replace(batch, rew=self.reward_scaler.scale(batch.rew),
                                    return_before=self.reward_scaler.scale(batch.return_before))
@@ -548,6 +580,19 @@ class PolicyGradientModule(LightningModule):
             torch.set_rng_state(counters["torch_rng"])
         if single_process and self.reward_scaler is not None and counters.get("reward_returns") is not None:
             self.reward_scaler.returns = counters["reward_returns"]
+
+
+def _check_per_step_statistics(normalize_observations: bool, scale_rewards: bool, off_policy: OffPolicy | None) -> None:
+    """Refuse, in one line, ``normalizer_updates=step`` where it would do nothing or go wrong."""
+    if not normalize_observations and not scale_rewards:
+        raise ValueError("normalizer_updates=step with normalize_observations=false and scale_rewards=false: there "
+                         "are no statistics to update; set one of them to true or leave normalizer_updates=batch")
+    if off_policy is not None and off_policy.reuse_batches:
+        raise ValueError(
+            f"normalizer_updates=step cannot be combined with off_policy.reuse_batches={off_policy.reuse_batches}: "
+            "a past batch's inputs were normalised with statistics that have moved on since; set "
+            "off_policy.reuse_batches=0 or normalizer_updates=batch"
+        )
 
 
 def _check_natural_gradient_settings(

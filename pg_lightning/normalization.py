@@ -7,13 +7,24 @@ details; Huang et al. 2022 list it among PPO's. The statistics are buffers of ``
 module that wraps the policy (and V_φ): a saved, loaded or evaluated policy carries them, and evaluation
 uses them as they are.
 
-When they change: after each iteration's update, from that batch's observations (``update``). The batch was
-collected, and the gradient is taken, with the same statistics, so the on-policy gradient stays the gradient
-of the policy that acted; the next batch is collected with the new ones. With several processes each rank's
-sums are all-reduced first, so every rank holds the statistics of the whole batch.
+When they change (``normalizer_updates``):
+
+- ``batch`` (the default): after each iteration's update, from that batch's observations (``update``). The
+  batch was collected, and the gradient is taken, with the same statistics, so the on-policy gradient stays the
+  gradient of the policy that acted; the next batch is collected with the new ones. With several processes
+  each rank's sums are all-reduced first, so every rank holds the statistics of the whole batch.
+- ``step``: as SB3's ``VecNormalize`` and CleanRL's wrappers, at every env step, before the policy acts on the
+  step's observation (``NormalizedObservations.observe``), so the first batch is normalised too and nothing
+  lags by a batch. Each step's μ and scale are recorded, and training reads ``acted_inputs``: every step's
+  input exactly as the policy saw it, with the normalisers passed through (``inputs_normalized``). So the
+  gradient is still that of the policy that acted. At the batch's end the statistics are set again from the
+  ones before the batch and the batch's all-reduced sums: the ranks, which each saw only their own steps
+  during the rollout, agree again before the update.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -39,10 +50,21 @@ class RunningNormalizer(nn.Module):
         self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self._cache: tuple | None = None  # (key, μ, scale) of ``_affine``; not state
+        self.passthrough = False  # ``inputs_normalized``: the inputs were normalised when the policy acted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.passthrough:
+            return x
         mean, scale = self._affine(x.dtype)
         return ((x - mean) / scale).clamp(-self.clip, self.clip)
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies of (μ, σ², count): what ``restore`` sets back."""
+        return self.mean.clone(), self.var.clone(), self.count.clone()
+
+    def restore(self, statistics: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        for buffer, value in zip((self.mean, self.var, self.count), statistics):
+            buffer.copy_(value)
 
     def _affine(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """μ and sqrt(σ² + ε) in ``dtype``, computed again only after the buffers changed (an update, a load:
@@ -88,6 +110,8 @@ class NormalizedObservations(nn.Module):
         super().__init__()
         self.module = module
         self.normalizer = RunningNormalizer(observation_shape, clip=clip)
+        self._rows: list | None = None  # per-step updates: the (μ, scale) of this batch's steps; None between batches
+        self._before: tuple | None = None  # and the statistics before the batch
 
     def forward(self, obs: torch.Tensor, *state):
         """``module(normalizer(obs), *state)``: a recurrent policy's state and episode starts pass through."""
@@ -112,6 +136,50 @@ class NormalizedObservations(nn.Module):
 
     def update_normalizer(self, obs: torch.Tensor, reduction: Reduction = LOCAL) -> None:
         self.normalizer.update(obs, reduction)
+
+    # Per-step updates (``normalizer_updates=step``, see the module doc): observe, then acted_inputs.
+
+    @torch.no_grad()
+    def observe(self, obs: torch.Tensor, rows: torch.Tensor) -> None:
+        """Before the policy acts on step t's ``obs [B, *o]``: its ``rows [B]`` of the batch's episodes join the
+        statistics (this process's only), and the μ and scale the policy then uses are recorded for step t."""
+        if self._rows is None:  # the batch's first step: the statistics to merge the whole batch into at its end
+            self._rows, self._before = [], self.normalizer.statistics()
+        self.normalizer.update(obs[rows])
+        mean, scale = self.normalizer._affine(obs.dtype)
+        self._rows.append((mean.clone(), scale.clone()))
+
+    @torch.no_grad()
+    def acted_inputs(self, obs: torch.Tensor, valid: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
+        """``obs [T + 1, B, *o]`` as the policy saw them, ``clip((s_t - μ_t) / scale_t)`` with each step's recorded
+        μ_t and scale_t (the same float ops as ``forward``, so the same numbers), after setting the statistics to
+        the ones before the batch merged with the ``valid [T, B]`` steps of every rank. Row T, the bootstrap
+        point, is normalised with those merged statistics."""
+        if self._rows is None or len(self._rows) != len(obs) - 1:
+            steps = 0 if self._rows is None else len(self._rows)
+            raise RuntimeError(f"acted_inputs: {steps} observed steps for a batch of {len(obs) - 1}; the collector "
+                               "calls observe once per step")
+        rows, self._rows = self._rows, None
+        self.normalizer.restore(self._before)
+        self.normalizer.update(obs[:-1][valid], reduction)
+        means = torch.stack([mean for mean, _ in rows]).unsqueeze(1)
+        scales = torch.stack([scale for _, scale in rows]).unsqueeze(1)
+        acted = ((obs[:-1] - means) / scales).clamp(-self.normalizer.clip, self.normalizer.clip)
+        return torch.cat([acted, self.normalizer(obs[-1:])])
+
+
+@contextmanager
+def inputs_normalized(*models: nn.Module | None):
+    """Inside it, the observation normalisers of ``models`` pass their inputs through: the inputs are the
+    ``acted_inputs`` of a per-step batch, normalised already."""
+    normalizers = [m.normalizer for m in models if isinstance(m, NormalizedObservations)]
+    for normalizer in normalizers:
+        normalizer.passthrough = True
+    try:
+        yield
+    finally:
+        for normalizer in normalizers:
+            normalizer.passthrough = False
 
 
 class RewardScaler(nn.Module):
@@ -145,6 +213,35 @@ class RewardScaler(nn.Module):
     def update(self, rew: torch.Tensor, valid: torch.Tensor, done: torch.Tensor, reduction: Reduction = LOCAL) -> None:
         """Run G_t through a batch ``[T, B]`` (invalid steps keep G; it restarts after a ``done``) and merge
         the valid steps' G_t into Var[G]."""
+        self.stats.update(self._run_returns(rew, valid, done)[valid], reduction)
+
+    @torch.no_grad()
+    def scale_per_step(self, rew: torch.Tensor, valid: torch.Tensor, done: torch.Tensor, reduction: Reduction = LOCAL,
+                       clip: float = 10.0) -> torch.Tensor:
+        """``normalizer_updates=step``: ``rew [T, B]`` with r̃_t = clip(r_t / sqrt(Var_t[G] + ε), -clip, clip), where
+        Var_t[G] includes the G_t of every step up to t (this process's), as SB3's ``VecNormalize`` scales a
+        reward with the statistics its own step updated. The clip (10, as SB3 and CleanRL) bounds the first
+        steps' rewards, scaled by the spread of a handful of returns. Then the batch's G_t of every rank join
+        Var[G], as ``update``.
+
+        Var_t from running sums in float64: n_t = n₀ + Σ_{u≤t} n_u, Σ₁ = n₀μ₀ + Σ G, Σ₂ = n₀(σ₀² + μ₀²) + Σ G²,
+        Var_t = Σ₂ / n_t - (Σ₁ / n_t)²; no statistics yet (n_t = 0): the reward as it is.
+        """
+        returns = self._run_returns(rew, valid, done)
+        stats = self.stats
+        kept = torch.where(valid, returns, torch.zeros_like(returns))
+        n = stats.count + valid.sum(1).double().cumsum(0)  # [T]
+        first = stats.count * stats.mean + kept.sum(1).cumsum(0)
+        second = stats.count * (stats.var + stats.mean**2) + (kept**2).sum(1).cumsum(0)
+        seen = n > 0
+        n_safe = n.clamp(min=1.0)
+        var = torch.where(seen, (second / n_safe - (first / n_safe) ** 2).clamp(min=0.0), torch.ones_like(n))
+        scale = torch.where(seen, (var + self.eps).sqrt(), torch.ones_like(n))
+        stats.update(returns[valid], reduction)
+        return (rew / scale.unsqueeze(1).to(rew.dtype)).clamp(-clip, clip)
+
+    def _run_returns(self, rew: torch.Tensor, valid: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """G_t of every step of a batch ``[T, B]``, in float64, carrying each env's G on into the next batch."""
         returns = self.returns.to(rew.device)
         values = torch.empty(rew.shape, dtype=torch.float64, device=rew.device)
         for t in range(rew.shape[0]):  # a recurrence in t, vectorised over envs
@@ -152,4 +249,4 @@ class RewardScaler(nn.Module):
             values[t] = returns
             returns = torch.where(done[t], torch.zeros_like(returns), returns)
         self.returns = returns.cpu()
-        self.stats.update(values[valid], reduction)
+        return values

@@ -28,6 +28,9 @@ from pg_lightning.policies import is_recurrent
 from pg_lightning.validation import positive_int, require
 
 
+Observer = Callable[[torch.Tensor, torch.Tensor], None]  # (obs [B, *o], rows [B]) before the policy acts
+
+
 class EnvStepError(RuntimeError):
     """The environment raised while stepping; the message names the env and the env step."""
 
@@ -103,11 +106,13 @@ class RolloutCollector:
         self._masks = ActionMaskReader(envs.single_action_space, num_envs)
         self._initial_state: torch.Tensor | None = None  # its initial state, made once per batch, not per step
 
-    def collect(self, policy: nn.Module, num_steps: int | None = None) -> RolloutBatch:
+    def collect(self, policy: nn.Module, num_steps: int | None = None, observe: Observer | None = None) -> RolloutBatch:
         """One batch with actions sampled from ``policy``; ``num_steps`` (default T) steps per env.
 
         With ``whole_episodes`` each env collects whole episodes until it has ``num_steps`` steps of them;
-        otherwise each env takes exactly ``num_steps`` steps (see the class doc).
+        otherwise each env takes exactly ``num_steps`` steps (see the class doc). ``observe(obs [B, *o], rows [B])``,
+        if given, is called at every step before the policy acts, with the envs whose step belongs to the batch
+        (``valid``): per-step observation statistics (``normalization.NormalizedObservations.observe``).
 
         The policy runs under ``torch.inference_mode`` (no autograd bookkeeping on the per-step tensors); the
         batch's tensors are assembled outside it, so training can differentiate
@@ -115,10 +120,10 @@ class RolloutCollector:
         """
         num_steps = self.steps_per_env if num_steps is None else num_steps
         if self.whole_episodes:
-            return self._collect_whole_episodes(policy, num_steps)
-        return self._collect_steps(policy, num_steps)
+            return self._collect_whole_episodes(policy, num_steps, observe)
+        return self._collect_steps(policy, num_steps, observe)
 
-    def _collect_steps(self, policy: nn.Module, num_steps: int) -> RolloutBatch:
+    def _collect_steps(self, policy: nn.Module, num_steps: int, observe: Observer | None) -> RolloutBatch:
         """Exactly ``num_steps`` steps of every env, continuing the running episodes."""
         if self._obs is None:
             self._reset(seed=self.seed)
@@ -130,8 +135,8 @@ class RolloutCollector:
         length_before = torch.as_tensor(self.episodes.length.copy())
         with torch.inference_mode():
             for t in range(num_steps):
-                self._policy_step(policy, storage, t)
                 storage.valid[t] = ~self._reset_next
+                self._policy_step(policy, storage, t, observe)
                 self._first = self._reset_next.copy()  # a reset step returns the first observation of an episode
                 self._reset_next = storage.terminated[t] | storage.truncated[t]
         storage.mask_to_valid(num_steps)
@@ -141,7 +146,7 @@ class RolloutCollector:
         return storage.batch(num_steps, self._obs, self._first, storage.valid[:num_steps].sum(0), return_before,
                              length_before, state_before)
 
-    def _collect_whole_episodes(self, policy: nn.Module, num_steps: int) -> RolloutBatch:
+    def _collect_whole_episodes(self, policy: nn.Module, num_steps: int, observe: Observer | None) -> RolloutBatch:
         """Whole episodes: env b's episodes that start before it has ``num_steps`` steps of them, each to its end."""
         num_envs = self.envs.num_envs
         self._reset(seed=self.seed if self._first_reset else None)
@@ -160,10 +165,10 @@ class RolloutCollector:
             while collecting.any():
                 if t == storage.capacity:
                     storage.grow()
-                self._policy_step(policy, storage, t)
                 real = ~self._reset_next
                 in_batch = real & collecting
                 storage.valid[t] = in_batch
+                self._policy_step(policy, storage, t, observe)
                 taken += real
                 used += in_batch
                 done = storage.terminated[t] | storage.truncated[t]
@@ -206,12 +211,15 @@ class RolloutCollector:
         # through the tensors built from this one.
         return self._policy_state.clone()
 
-    def _policy_step(self, policy: nn.Module, storage: _Storage, t: int) -> None:
-        """Row ``t``: the observation, an action sampled from ``policy``, its log-prob, and the env's answer."""
+    def _policy_step(self, policy: nn.Module, storage: _Storage, t: int, observe: Observer | None = None) -> None:
+        """Row ``t`` (its ``valid`` set): the observation, an action sampled from ``policy``, its log-prob, and the
+        env's answer."""
         obs_t = storage.obs[t]
         obs_t[:] = self._obs  # the storage dtype: float32 (MuJoCo gives float64), uint8 for images
         storage.first[t] = self._first
         obs = torch.from_numpy(obs_t).to(storage.device)
+        if observe is not None:
+            observe(obs, torch.from_numpy(storage.valid[t]).to(storage.device))
         mask = None
         if storage.action_mask is not None:  # π restricted to the actions the env allows (distributions.py)
             storage.action_mask[t] = self._action_mask

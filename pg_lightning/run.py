@@ -139,6 +139,7 @@ def make_module(cfg: DictConfig) -> PolicyGradientModule:
         max_grad_norm=cfg.get("max_grad_norm"),
         entropy_coef=cfg.get("entropy_coef", 0.0),
         anneal_lr=cfg.get("anneal_lr", False),
+        normalizer_updates=cfg.get("normalizer_updates", "batch"),
     )
 
 

@@ -160,14 +160,21 @@ def reference_discounted_returns(rew, valid, done, gamma):
     return out
 
 
-def test_the_reward_scale_is_the_std_of_the_discounted_return_over_batches():
-    from pg_lightning.normalization import RewardScaler
-
-    generator = torch.Generator().manual_seed(4)
-    scaler = RewardScaler(num_envs=3, gamma=0.9)
+def reward_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rewards, valid steps and episode ends ``[40, 3]``: about a tenth of the steps invalid, a tenth of the
+    valid ones ending an episode."""
+    generator = torch.Generator().manual_seed(seed)
     rew = 5.0 * torch.randn(40, 3, generator=generator)
     valid = torch.rand(40, 3, generator=generator) > 0.1
     done = valid & (torch.rand(40, 3, generator=generator) < 0.1)
+    return rew, valid, done
+
+
+def test_the_reward_scale_is_the_std_of_the_discounted_return_over_batches():
+    from pg_lightning.normalization import RewardScaler
+
+    scaler = RewardScaler(num_envs=3, gamma=0.9)
+    rew, valid, done = reward_batch(4)
     assert torch.equal(scaler.scale(rew), rew), "no statistics yet: rewards unchanged"
     scaler.update(rew[:25], valid[:25], done[:25])  # two batches: G carries across the cut
     scaler.update(rew[25:], valid[25:], done[25:])
