@@ -551,6 +551,9 @@ class PolicyGradientModule(LightningModule):
             logger.save()  # as Lightning does after each logged step: metrics.csv is current after every iteration
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if isinstance(self.policy, NormalizedObservations):  # mid-batch (an env error): not the batch's own steps
+            for name, value in zip(("mean", "var", "count"), self.policy.settled_statistics()):
+                checkpoint["state_dict"][f"policy.normalizer.{name}"] = value
         checkpoint["pg_lightning"] = {
             "env_steps": self.env_steps,
             "iterations": self.iterations,

@@ -149,6 +149,11 @@ class NormalizedObservations(nn.Module):
         mean, scale = self.normalizer._affine(obs.dtype)
         self._rows.append((mean.clone(), scale.clone()))
 
+    def settled_statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(μ, σ², count) as of the last batch trained on: during a rollout with per-step updates, the ones before
+        it (what a checkpoint written mid-batch, e.g. after an env error, should keep)."""
+        return self._before if self._rows is not None else self.normalizer.statistics()
+
     @torch.no_grad()
     def acted_inputs(self, obs: torch.Tensor, valid: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
         """``obs [T + 1, B, *o]`` as the policy saw them, ``clip((s_t - μ_t) / scale_t)`` with each step's recorded

@@ -14,6 +14,7 @@ from test_normalization import RecordingReduction, Recorder, reference_discounte
 from pg_lightning import estimators as E
 from pg_lightning.normalization import NormalizedObservations, RewardScaler, inputs_normalized
 from pg_lightning.off_policy import OffPolicy
+from pg_lightning.recurrent import action_distribution, recurrent_policy
 from pg_lightning.run import ConfigError, train
 
 
@@ -29,20 +30,23 @@ def per_step_module(**kwargs):
     return module
 
 
-def test_training_reads_every_input_as_the_policy_saw_it_when_it_acted():
+@pytest.mark.parametrize("policy", [None, recurrent_policy], ids=["mlp", "gru"])
+def test_training_reads_every_input_as_the_policy_saw_it_when_it_acted(policy):
     """The behaviour log-probs of two batches equal π's log-probs on the batch training reads, to float
-    precision: the first importance ratio is 1. Reading the raw observations through the statistics at the
-    batch's end (the inputs of ``normalizer_updates=batch``) gives other log-probs: the case that fails."""
-    module = per_step_module()
+    precision: the first importance ratio is 1 (a recurrent policy replays its sequences over these inputs).
+    Reading the raw observations through the statistics at the batch's end (the inputs of
+    ``normalizer_updates=batch``) gives other log-probs: the case that fails."""
+    module = per_step_module(policy=policy)
     for _ in range(2):  # the second batch starts from statistics the first one left
         batch = module.collect_batch()
         acted = module._as_acted(batch)
         with torch.no_grad(), inputs_normalized(module.policy, module.value_fn):
-            logp = module.policy(acted.obs[:-1]).log_prob(acted.act)
-        torch.testing.assert_close(logp, batch.logp_behavior, rtol=0, atol=1e-5)
+            logp = action_distribution(module.policy, acted).log_prob(acted.act)
+        valid = batch.valid
+        torch.testing.assert_close(logp[valid], batch.logp_behavior[valid], rtol=0, atol=1e-5)
         with torch.no_grad():
-            logp_final_statistics = module.policy(batch.obs[:-1]).log_prob(batch.act)
-        assert not torch.allclose(logp_final_statistics, batch.logp_behavior, rtol=0, atol=1e-5)
+            logp_final_statistics = action_distribution(module.policy, batch).log_prob(batch.act)
+        assert not torch.allclose(logp_final_statistics[valid], batch.logp_behavior[valid], rtol=0, atol=1e-5)
         next(module.policy.parameters()).data += 0.1  # an update between batches
 
 
@@ -68,6 +72,18 @@ def test_each_step_is_normalised_with_the_statistics_of_every_observation_up_to_
     # Statistics one step late (the step's own observation left out) differ: what the check above catches.
     late = torch.stack(seen[:-1]).mean(0)
     assert not torch.allclose(late, every.mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_a_checkpoint_written_mid_batch_keeps_the_statistics_of_the_batches_trained_on():
+    module = per_step_module()
+    module._as_acted(module.collect_batch())
+    trained_on = module.policy.normalizer.statistics()
+    module.collect_batch()  # then an env error, say: on_exception writes last.ckpt before the batch is trained on
+    assert module.policy.normalizer.count > trained_on[2], "the rollout moved this rank's statistics"
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    for name, value in zip(("mean", "var", "count"), trained_on):
+        torch.testing.assert_close(checkpoint["state_dict"][f"policy.normalizer.{name}"], value)
 
 
 def test_each_reward_is_scaled_by_the_return_statistics_of_every_step_up_to_it():
