@@ -90,6 +90,18 @@ class RunningNormalizer(nn.Module):
         size = self.mean.numel()
         mean_b = (sums[1 : 1 + size] / n_b).reshape(self.mean.shape)
         var_b = ((sums[1 + size :] / n_b).reshape(self.mean.shape) - mean_b**2).clamp(min=0.0)
+        self._merge(n_b, mean_b, var_b)
+
+    @torch.no_grad()
+    def update_local(self, x: torch.Tensor) -> None:
+        """``update`` with this process's observations only, and a third of its cost: the per-step update of
+        ``normalizer_updates=step`` (the batch's all-reduce comes at its end)."""
+        x = x.reshape(-1, *self.mean.shape).to(torch.float64)
+        if len(x):
+            self._merge(len(x), x.mean(0), x.var(0, unbiased=False))
+
+    def _merge(self, n_b: torch.Tensor | int, mean_b: torch.Tensor, var_b: torch.Tensor) -> None:
+        """Chan et al.'s merge of a batch's n_b, μ_b, σ²_b into the statistics (see ``update``)."""
         n_a = self.count
         n = n_a + n_b
         delta = mean_b - self.mean
@@ -145,7 +157,7 @@ class NormalizedObservations(nn.Module):
         statistics (this process's only), and the μ and scale the policy then uses are recorded for step t."""
         if self._rows is None:  # the batch's first step: the statistics to merge the whole batch into at its end
             self._rows, self._before = [], self.normalizer.statistics()
-        self.normalizer.update(obs[rows])
+        self.normalizer.update_local(obs[rows])
         mean, scale = self.normalizer._affine(obs.dtype)
         self._rows.append((mean.clone(), scale.clone()))
 
