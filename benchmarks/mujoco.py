@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_sb3(env, seed, steps)))
         return 0
     if args.throughput:
-        print("\n".join(throughput(args.preset, args.envs[0], args.seeds[0], args.steps, args.repeats, args.out)))
+        print("\n".join(throughput(args.preset, args.envs[0], args.seeds[0], args.steps, args.repeats, args.out,
+                                   args.overrides)))
         return 0
     if not args.aggregate_only:
         for env in args.envs:
@@ -235,22 +236,25 @@ def sb3_process(env: str, seed: int, steps: int) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def throughput(preset: str, env: str, seed: int, steps: int, repeats: int, out: Path) -> list[str]:
+def throughput(preset: str, env: str, seed: int, steps: int, repeats: int, out: Path,
+               overrides: list[str] = ()) -> list[str]:
     """Env steps/s of our preset and of SB3 PPO, ``repeats`` alternating pairs of ``steps``-step runs.
 
     Each side's figure is env steps per second of training (collection and updates; start-up and evaluation
     excluded, as in the JSON records), the median over the repeats; the ratio is ours / SB3. Written to
-    ``<out>/throughput_<preset>_<env>.json``.
+    ``<out>/throughput_<preset>_<env>.json`` (a variant's: ``throughput_<preset>+<overrides>_<env>.json``).
     """
+    method = method_name(preset, list(overrides))
     ours, sb3 = [], []
     for _ in range(repeats):
-        ours.append(run_ours(preset, env, seed, steps, run_dir=REPO / "outputs" / "mujoco" / "throughput")["env_steps_per_s"])
+        ours.append(run_ours(preset, env, seed, steps, run_dir=REPO / "outputs" / "mujoco" / "throughput",
+                             overrides=overrides)["env_steps_per_s"])
         sb3.append(sb3_process(env, seed, steps)["env_steps_per_s"])
-    record = {"preset": preset, "env": ENV_IDS[env], "steps": steps, "ours_steps_per_s": ours, "sb3_steps_per_s": sb3,
+    record = {"preset": method, "env": ENV_IDS[env], "steps": steps, "ours_steps_per_s": ours, "sb3_steps_per_s": sb3,
               "ratio_of_medians": statistics.median(ours) / statistics.median(sb3)}
-    write(out / f"throughput_{preset}_{env}.json", record)
+    write(out / f"throughput_{method}_{env}.json", record)
     return [f"{ENV_IDS[env]}, {steps} env steps per run, {repeats} alternating pairs, alone:",
-            f"  {preset}: {statistics.median(ours):.0f} env steps/s (median of {', '.join(f'{x:.0f}' for x in ours)})",
+            f"  {method}: {statistics.median(ours):.0f} env steps/s (median of {', '.join(f'{x:.0f}' for x in ours)})",
             f"  SB3 PPO: {statistics.median(sb3):.0f} env steps/s (median of {', '.join(f'{x:.0f}' for x in sb3)})",
             f"  ratio ours / SB3: {record['ratio_of_medians']:.2f}"]
 
