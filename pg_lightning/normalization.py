@@ -94,8 +94,8 @@ class RunningNormalizer(nn.Module):
 
     @torch.no_grad()
     def update_local(self, x: torch.Tensor) -> None:
-        """``update`` with this process's observations only, and a third of its cost: the per-step update of
-        ``normalizer_updates=step`` (the batch's all-reduce comes at its end)."""
+        """``update`` with this process's observations only, without packing sums for an all-reduce (about 0.7 of its
+        time): the per-step update of ``normalizer_updates=step`` (the batch's all-reduce comes at its end)."""
         x = x.reshape(-1, *self.mean.shape).to(torch.float64)
         if len(x):
             self._merge(len(x), x.mean(0), x.var(0, unbiased=False))
