@@ -377,9 +377,9 @@ class PolicyGradientModule(LightningModule):
         each step, the rewards scaled per step, and the statistics merged over ranks (``normalization.py``)."""
         changes = {}
         if isinstance(self.policy, NormalizedObservations):
-            changes["obs"] = self.policy.acted_inputs(batch.obs, batch.valid, self.reduction)
-            if isinstance(self.value_fn, NormalizedObservations):  # unused while it passes through; kept equal
-                self.value_fn.update_normalizer(batch.obs[:-1][batch.valid], self.reduction)
+            self.policy.rewind()  # this rank's per-step statistics give way to the whole batch's, over every rank
+            self._update_normalizers(batch)  # V_φ's too: unused while it passes its inputs through, but kept equal
+            changes["obs"] = self.policy.acted_inputs(batch.obs)
         if self.reward_scaler is not None:
             changes["return_before"] = self.reward_scaler.scale(batch.return_before)
             changes["rew"] = self.reward_scaler.scale_per_step(batch.rew, batch.valid, batch.done, self.reduction)
@@ -551,7 +551,8 @@ class PolicyGradientModule(LightningModule):
             logger.save()  # as Lightning does after each logged step: metrics.csv is current after every iteration
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if isinstance(self.policy, NormalizedObservations):  # mid-batch (an env error): not the batch's own steps
+        if self.normalizer_updates == "step" and isinstance(self.policy, NormalizedObservations):
+            # Mid-batch (an env error): the statistics of the batches trained on, not this rank's collected steps.
             for name, value in zip(("mean", "var", "count"), self.policy.settled_statistics()):
                 checkpoint["state_dict"][f"policy.normalizer.{name}"] = value
         checkpoint["pg_lightning"] = {

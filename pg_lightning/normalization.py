@@ -149,7 +149,8 @@ class NormalizedObservations(nn.Module):
     def update_normalizer(self, obs: torch.Tensor, reduction: Reduction = LOCAL) -> None:
         self.normalizer.update(obs, reduction)
 
-    # Per-step updates (``normalizer_updates=step``, see the module doc): observe, then acted_inputs.
+    # Per-step updates (``normalizer_updates=step``, see the module doc): observe at every step; at the batch's end
+    # rewind, update_normalizer with the whole batch, then acted_inputs.
 
     @torch.no_grad()
     def observe(self, obs: torch.Tensor, rows: torch.Tensor) -> None:
@@ -166,19 +167,21 @@ class NormalizedObservations(nn.Module):
         it (what a checkpoint written mid-batch, e.g. after an env error, should keep)."""
         return self._before if self._rows is not None else self.normalizer.statistics()
 
+    def rewind(self) -> None:
+        """The statistics back to the ones before this batch's per-step updates, to merge the whole batch into them
+        with ``update_normalizer`` (over every rank); then ``acted_inputs``."""
+        self.normalizer.restore(self._before)
+
     @torch.no_grad()
-    def acted_inputs(self, obs: torch.Tensor, valid: torch.Tensor, reduction: Reduction = LOCAL) -> torch.Tensor:
+    def acted_inputs(self, obs: torch.Tensor) -> torch.Tensor:
         """``obs [T + 1, B, *o]`` as the policy saw them, ``clip((s_t - μ_t) / scale_t)`` with each step's recorded
-        μ_t and scale_t (the same float ops as ``forward``, so the same numbers), after setting the statistics to
-        the ones before the batch merged with the ``valid [T, B]`` steps of every rank. Row T, the bootstrap
-        point, is normalised with those merged statistics."""
+        μ_t and scale_t (the same float ops as ``forward``, so the same numbers). Row T, the bootstrap point, is
+        normalised with the statistics as they are now (merged, after ``rewind``)."""
         if self._rows is None or len(self._rows) != len(obs) - 1:
             steps = 0 if self._rows is None else len(self._rows)
             raise RuntimeError(f"acted_inputs: {steps} observed steps for a batch of {len(obs) - 1}; the collector "
                                "calls observe once per step")
         rows, self._rows = self._rows, None
-        self.normalizer.restore(self._before)
-        self.normalizer.update(obs[:-1][valid], reduction)
         means = torch.stack([mean for mean, _ in rows]).unsqueeze(1)
         scales = torch.stack([scale for _, scale in rows]).unsqueeze(1)
         acted = ((obs[:-1] - means) / scales).clamp(-self.normalizer.clip, self.normalizer.clip)

@@ -115,7 +115,9 @@ def test_two_ranks_agree_on_the_statistics_after_a_batch_each_saw_only_in_part()
         model.update_normalizer(torch.ones(4, 3) * torch.arange(4.0).unsqueeze(1))  # the same earlier batches
         for t in range(8):
             model.observe(obs[index][t], valid[t])
-        model.acted_inputs(obs[index], valid, reduction)
+        model.rewind()  # as the module's _as_acted does
+        model.update_normalizer(obs[index][:-1][valid], reduction)
+        model.acted_inputs(obs[index])
         return model
 
     recorders = [Recorder(), Recorder()]
