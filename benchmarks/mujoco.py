@@ -13,8 +13,8 @@ with their checkpoints, go to ``outputs/mujoco/``): the final return as the **me
 episodes** (CleanRL's metric for its published PPO numbers), the deterministic evaluation at the end (10
 episodes; for SB3 with its VecNormalize statistics frozen), and env steps per second of training: from the
 model's construction to the end of its last update, evaluations excluded, on both sides (process start-up,
-imports and Hydra are not counted; ours evaluates during training, SB3 does not). Over seeds it prints, per env and method, the interquartile mean
-with a 95% stratified-bootstrap interval (``rliable``). Returns do not depend on speed, so runs of returns may
+imports and Hydra are not counted; ours evaluates during training, SB3 does not). Over seeds it prints, per env and method, the env-step budget and the interquartile
+mean with a 95% stratified-bootstrap interval (``rliable``). Returns do not depend on speed, so runs of returns may
 share the machine (start several invocations); their steps/s then say nothing.
 
 ``--throughput`` is the speed comparison: ours and SB3 alternately (``--repeats`` pairs, nothing else may run),
@@ -156,31 +156,41 @@ def aggregate(out: Path) -> list[str]:
     from rliable import metrics
 
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/seed*.json"))]
-    lines = ["| env | method | seeds | final return, IQM [95% CI] | eval return, mean | env steps/s, median |",
-             "|---|---|---:|---|---:|---:|"]
+    lines = ["| env | method | env steps | seeds | final return, IQM [95% CI] | eval return, mean | env steps/s, median |",
+             "|---|---|---:|---:|---|---:|---:|"]
     for env in sorted({r["env"] for r in runs}):
         for method in sorted({r["method"] for r in runs if r["env"] == env}):
             chosen = [r for r in runs if r["env"] == env and r["method"] == method]
             scores = final_returns(runs, env, method)
             point, interval = bootstrap({method: scores}, lambda x: np.array([metrics.aggregate_iqm(x)]))
             low, high = interval[method][:, 0]
-            lines.append(f"| {ENV_IDS[env]} | {method} | {len(chosen)} | {point[method][0]:.0f} [{low:.0f}, {high:.0f}] | "
+            lines.append(f"| {ENV_IDS[env]} | {method} | {budget(chosen)} | {len(chosen)} | "
+                         f"{point[method][0]:.0f} [{low:.0f}, {high:.0f}] | "
                          f"{np.mean([r['eval_return'] for r in chosen]):.0f} | "
                          f"{np.median([r['env_steps_per_s'] for r in chosen]):.0f} |")
     lines += improvement_over_sb3(runs)
     return lines
 
 
+def budget(chosen: list[dict]) -> str:
+    """The env-step budget of one row's runs, in millions (``1.0M``); a row whose runs differ by more than a
+    batch shows its range, so runs of different budgets cannot pass for one."""
+    steps = [r["env_steps"] for r in chosen]
+    low, high = f"{min(steps) / 1e6:.1f}M", f"{max(steps) / 1e6:.1f}M"
+    return low if low == high else f"{low}–{high}"
+
+
 def improvement_over_sb3(runs: list[dict]) -> list[str]:
-    """Per env and preset run beside SB3: P(ours > SB3), the probability that a run of ours ends above a run of
-    SB3's (the Mann-Whitney U statistic over all pairs of seeds, ties counting ½; rliable's
+    """Per env and PPO preset run beside SB3 PPO (``ppo_mujoco`` and its variants; the other algorithms' presets are
+    not PPO, so the comparison would not be like with like): P(ours > SB3), the probability that a run of ours
+    ends above a run of SB3's (the Mann-Whitney U statistic over all pairs of seeds, ties counting ½; rliable's
     ``probability_of_improvement``), with its 95% stratified-bootstrap interval. 0.5: neither is better."""
     from rliable import metrics
 
     lines = []
     for env in sorted({r["env"] for r in runs}):
         sb3 = final_returns(runs, env, "sb3_ppo")
-        for method in sorted({r["method"] for r in runs if r["env"] == env} - {"sb3_ppo"}):
+        for method in sorted({r["method"] for r in runs if r["env"] == env and r["method"].startswith("ppo_")}):
             ours = final_returns(runs, env, method)
             if len(sb3) < 2 or len(ours) < 2:
                 continue
