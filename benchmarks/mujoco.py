@@ -173,8 +173,8 @@ def aggregate(out: Path) -> list[str]:
 
 
 def budget(chosen: list[dict]) -> str:
-    """The env-step budget of one row's runs, in millions (``1.0M``); a row whose runs differ by more than a
-    batch shows its range, so runs of different budgets cannot pass for one."""
+    """The env-step budget of one row's runs, in millions to one decimal (``1.0M``); where its runs round to
+    different figures it shows the range (``0.3M–1.0M``), so runs of different budgets cannot pass for one."""
     steps = [r["env_steps"] for r in chosen]
     low, high = f"{min(steps) / 1e6:.1f}M", f"{max(steps) / 1e6:.1f}M"
     return low if low == high else f"{low}–{high}"
