@@ -161,7 +161,7 @@ def aggregate(out: Path) -> list[str]:
     for env in sorted({r["env"] for r in runs}):
         for method in sorted({r["method"] for r in runs if r["env"] == env}):
             chosen = [r for r in runs if r["env"] == env and r["method"] == method]
-            scores = final_returns(runs, env, method)
+            scores = final_returns(chosen, env, method)
             point, interval = bootstrap({method: scores}, lambda x: np.array([metrics.aggregate_iqm(x)]))
             low, high = interval[method][:, 0]
             lines.append(f"| {ENV_IDS[env]} | {method} | {budget(chosen)} | {len(chosen)} | "
